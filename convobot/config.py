@@ -1,0 +1,217 @@
+"""Typed schemas for the Hydra config, and the one place a composed config is checked.
+
+Hydra composes `conf/train.yaml` and its groups; `validate()` merges the result onto these
+dataclasses, so a misspelt key (`peft.rr=8`) or a wrong type (`peft.r=eight`) fails at start-up
+with the full key in the message instead of deep inside training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
+
+
+class ModelSource(str, Enum):
+    hub = "hub"  # a model id on the Hugging Face Hub, or a local save_pretrained folder
+    tiny = "tiny"  # a small GPT-2 built from a GPT2Config with random init (offline default)
+
+
+class DataSource(str, Enum):
+    hub = "hub"
+    local = "local"
+    bundled = "bundled"
+
+
+class PeftMethod(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+class BadRowPolicy(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-gpt2"
+    source: ModelSource = ModelSource.tiny
+    # Tokenizer: "bundled" (shipped with convobot) or a hub id / local folder.
+    tokenizer: str = "bundled"
+    revision: Optional[str] = None
+    attn_implementation: str = "sdpa"
+    # Only read for source=tiny.
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 256
+    # GPT-2's 0.02 suits n_embd=768; a tiny model needs ~1/sqrt(n_embd), or its frozen tied
+    # embeddings cap the logit range a LoRA adapter can reach.
+    initializer_range: float = 0.02
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "bundled"
+    source: DataSource = DataSource.bundled
+    # hub dataset id (source=hub) or a json/jsonl/csv/parquet file (source=local).
+    path: Optional[str] = None
+    split: str = "train"
+    max_rows: Optional[int] = None
+    # Size of the held-out split: a fraction of the rows (< 1) or a row count (>= 1).
+    eval_size: float = 0.05
+    max_eval_rows: Optional[int] = None
+    split_seed: int = 0
+    max_length: int = 256
+    completion_only: bool = True
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+    # Only read for source=bundled.
+    num_rows: int = 3000
+    generation_seed: int = 0
+
+
+@dataclass
+class PeftConfig:
+    method: PeftMethod = PeftMethod.lora
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    fan_in_fan_out: bool = True
+    bias: str = "none"
+
+
+@dataclass
+class OptimConfig:
+    # A transformers `optim` name: adamw_bnb_8bit, paged_adamw_8bit, adamw_torch, ...
+    name: str = "adamw_bnb_8bit"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: Device = Device.auto
+    precision: Precision = Precision.fp32
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    vram_gb: Optional[float] = None
+    dataloader_workers: int = 0
+    torch_compile: bool = False
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: float = 3.0
+    max_steps: int = -1
+    logging_steps: int = 10
+    # Evaluate every N steps during training; null = only at the end.
+    eval_steps: Optional[int] = None
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    packing: bool = False
+    group_by_length: bool = False
+
+
+@dataclass
+class ReportConfig:
+    # Exact-match on this many held-out rows (tasks with checkable answers only).
+    exact_match_rows: int = 200
+    # Sample generations printed in the summary.
+    samples: int = 3
+    max_new_tokens: int = 32
+    # Score the untrained model too, for the before/after table.
+    before: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    seed: int = 0
+    # true: continue from the newest checkpoint in the run dir; or a checkpoint path.
+    resume: Any = False
+    experiment_name: str = "default"
+
+
+def validate(cfg: DictConfig | dict) -> TrainConfig:
+    """Check a composed config against the schema and return it as a typed object.
+
+    Raises ConfigError naming the offending key.
+    """
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+        typed: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+    _check_ranges(typed)
+    return typed
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    checks = [
+        ("peft.r", cfg.peft.r > 0, "must be > 0"),
+        ("peft.target_modules", bool(cfg.peft.target_modules), "must name at least one module"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("hardware.batch_size", cfg.hardware.batch_size > 0, "must be > 0"),
+        ("hardware.grad_accum", cfg.hardware.grad_accum > 0, "must be > 0"),
+        ("data.max_length", cfg.data.max_length > 8, "must be > 8"),
+        ("data.eval_size", cfg.data.eval_size > 0, "must be > 0"),
+        ("data.path", cfg.data.source == DataSource.bundled or bool(cfg.data.path),
+         f"is required for data.source={cfg.data.source.value}"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {why}")
+
+
+def to_container(cfg: TrainConfig) -> dict:
+    """Plain dict (enums as strings), for saving and reports."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose `conf/` with Hydra's compose API (tests, notebooks, scripts)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

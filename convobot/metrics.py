@@ -1,0 +1,98 @@
+"""Perplexity, throughput, peak memory and versions: the numbers train, eval and compare report."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from importlib import metadata
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+IGNORE_INDEX = -100
+
+
+def tokenize_for_scoring(pairs: Dataset, tokenizer, max_length: int, completion_only: bool) -> list[dict]:
+    """prompt/completion pairs -> input_ids and labels, the way TRL's SFTTrainer builds them.
+
+    EOS closes every completion and is scored. Prompt tokens get IGNORE_INDEX when
+    `completion_only`. Rows keep their first `max_length` tokens.
+    """
+    prompts = tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]
+    full = tokenizer([p + c for p, c in zip(pairs["prompt"], pairs["completion"])], add_special_tokens=False)
+    rows = []
+    for prompt_ids, ids in zip(prompts, full["input_ids"]):
+        ids = (ids + [tokenizer.eos_token_id])[:max_length]
+        labels = list(ids)
+        if completion_only:
+            masked = min(len(prompt_ids), len(ids))
+            labels[:masked] = [IGNORE_INDEX] * masked
+        if any(label != IGNORE_INDEX for label in labels):
+            rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Labels pad with IGNORE_INDEX, never by pad id: GPT-2's pad is its EOS,
+    and the final EOS of each row must still be scored."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def token_nll(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> tuple[float, int]:
+    """Sum of next-token NLL over scored (label != IGNORE_INDEX) tokens, and their count."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = pad_batch(rows[start:start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> dict:
+    """exp(sum of token NLL / number of scored tokens): independent of batch size and padding."""
+    nll, tokens = token_nll(model, rows, pad_token_id, batch_size)
+    if tokens == 0:
+        raise ValueError("no scored tokens: every label is masked")
+    mean = nll / tokens
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": tokens}
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(peak_kib if sys.platform == "darwin" else peak_kib * 1024)
+
+
+def versions() -> dict[str, str]:
+    packages = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found

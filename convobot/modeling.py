@@ -1,0 +1,137 @@
+"""Base model and tokenizer (hub or tiny), and LoRA wrapping with its checks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from convobot.config import ModelConfig, ModelSource, PeftConfig, PeftMethod
+
+log = logging.getLogger(__name__)
+
+BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+
+
+class AdapterError(RuntimeError):
+    """The adapter would not train anything (no target matched, or zero trainable parameters)."""
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The bundled task tokenizer, or a hub id / local folder. GPT-2 has no pad token: pad = eos."""
+    source = BUNDLED_TOKENIZER_DIR if name == "bundled" else name
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32):
+    """GPT-2 from the hub (or a local folder), or a tiny randomly initialised GPT-2.
+
+    Weights load as safetensors only (`use_safetensors=True`); remote code is never trusted.
+    """
+    if cfg.source == ModelSource.tiny:
+        torch.manual_seed(cfg.init_seed)
+        config = tiny_gpt2_config(cfg, tokenizer)
+        config._attn_implementation = cfg.attn_implementation
+        return GPT2LMHeadModel(config).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.name,
+        revision=cfg.revision,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation,
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} / {self.total:,} ({self.percent:.2f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCount:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParamCount(trainable, total)
+
+
+def lora_config(cfg: PeftConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        # GPT-2's attention and MLP layers are transformers' Conv1D, which stores weights transposed
+        # (in_features, out_features); LoRA must know or its update has the wrong shape.
+        fan_in_fan_out=cfg.fan_in_fan_out,
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool = False):
+    """Wrap `model` for the configured method and refuse an adapter that would train nothing."""
+    if cfg.method == PeftMethod.full:
+        return model
+    from peft import get_peft_model
+
+    _check_targets_exist(model, cfg.target_modules)
+    if gradient_checkpointing:
+        # Frozen embeddings give the checkpointed blocks inputs without grad, so nothing would flow
+        # back into the adapters; make the embedding outputs require grad.
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config(cfg))
+    params = count_parameters(peft_model)
+    if params.trainable == 0:
+        raise AdapterError(f"LoRA adapter has zero trainable parameters (targets {list(cfg.target_modules)})")
+    return peft_model
+
+
+def _check_targets_exist(model: torch.nn.Module, targets) -> None:
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        raise AdapterError(
+            f"peft.target_modules {missing} matched no module of {type(model).__name__}; "
+            f"available leaf modules include {sorted(n for n in leaf_names if n)[:20]}"
+        )
+
+
+def upcast_trainable_to_fp32(model: torch.nn.Module) -> int:
+    """With fp16 mixed precision the optimizer must step fp32 master weights: GradScaler refuses
+    to unscale fp16 gradients. Returns how many tensors were upcast."""
+    upcast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            upcast += 1
+    return upcast

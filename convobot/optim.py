@@ -1,0 +1,68 @@
+"""Which optimizer really steps: bitsandbytes 8-bit AdamW where it runs, torch AdamW otherwise.
+
+bitsandbytes >= 0.45 has a CPU backend, so its 8-bit optimizers may run without a GPU; rather
+than assume, `resolve_optimizer` probes one real step and falls back loudly if it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BNB_OPTIMIZERS = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit"}
+FALLBACK = "adamw_torch"
+
+
+@dataclass
+class OptimizerChoice:
+    requested: str
+    name: str  # what the Trainer is given
+    fallback_reason: str | None = None
+
+
+def bnb_8bit_runs_on(device: torch.device) -> str | None:
+    """None if a bitsandbytes 8-bit AdamW step works on `device` with uint8 state, else why not."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported: {err}"
+    try:
+        # 8-bit state is only used for tensors of >= 4096 elements (bitsandbytes' min_8bit_size).
+        param = torch.nn.Parameter(torch.randn(64, 64, device=device))
+        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+        state_dtype = optimizer.state[param]["state1"].dtype
+    except Exception as err:
+        return f"bitsandbytes 8-bit AdamW failed on {device.type}: {err}"
+    if state_dtype != torch.uint8:
+        return f"bitsandbytes kept {state_dtype} optimizer state on {device.type}, not uint8"
+    return None
+
+
+def resolve_optimizer(requested: str, device: torch.device) -> OptimizerChoice:
+    if requested not in BNB_OPTIMIZERS:
+        return OptimizerChoice(requested, requested)
+    problem = bnb_8bit_runs_on(device)
+    if problem is None:
+        return OptimizerChoice(requested, requested)
+    message = f"optimizer '{requested}' unavailable ({problem}); FALLING BACK to '{FALLBACK}' (32-bit states)"
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    log.warning(message)
+    return OptimizerChoice(requested, FALLBACK, fallback_reason=problem)
+
+
+def describe_optimizer(optimizer) -> str:
+    """The class that actually steps, plus the dtype of its first moment state (uint8 = 8-bit)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+    cls = type(inner)
+    dtypes = {
+        str(state[key].dtype).replace("torch.", "")
+        for state in inner.state.values() for key in ("state1", "exp_avg") if key in state
+    }
+    return f"{cls.__module__}.{cls.__name__}" + (f" (state {'/'.join(sorted(dtypes))})" if dtypes else "")

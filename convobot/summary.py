@@ -1,0 +1,43 @@
+"""The one-screen summary printed at the end of a training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(results: dict, run_dir: Path, samples: list[tuple[dict, str]], console: Console | None = None):
+    console = console or Console()
+    before = results.get("before") or {}
+    table = Table(title=f"convobot · {results['experiment']} · {results['method']}", show_lines=False)
+    table.add_column("held-out metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("loss (nats/token)", _fmt(before.get("eval_loss")), _fmt(results.get("eval_loss")))
+    table.add_row("perplexity", _fmt(before.get("eval_perplexity"), ".3f"), _fmt(results.get("eval_perplexity"), ".3f"))
+    if "exact_match" in results:
+        table.add_row("exact match", _fmt(before.get("exact_match"), ".1%"), _fmt(results["exact_match"], ".1%"))
+    console.print(table)
+
+    facts = Table.grid(padding=(0, 2))
+    facts.add_row("train loss", _fmt(results["train_loss"]))
+    facts.add_row("trainable params",
+                  f"{results['trainable_params']:,} / {results['total_params']:,} ({results['trainable_percent']:.2f}%)")
+    facts.add_row("trained tokens", f"{results['train_tokens']:,} in {results['train_seconds']:.1f} s "
+                                    f"({results['tokens_per_second']:,.0f} tokens/s)")
+    facts.add_row("peak memory", f"{results['peak_memory_bytes'] / 2**20:,.0f} MiB ({results['device']})")
+    facts.add_row("optimizer", results["optimizer"])
+    if results.get("optimizer_fallback_reason"):
+        facts.add_row("[bold red]optimizer fallback[/]", results["optimizer_fallback_reason"])
+    facts.add_row("run dir", str(run_dir))
+    console.print(facts)
+
+    for row, generated in samples:
+        prompt = row["instruction"] + (f" | {row['input']}" if row.get("input") else "")
+        console.print(f"[bold]>[/] {prompt}\n  [green]model:[/] {generated.strip()!r}   [dim]expected: {row['output']!r}[/]")

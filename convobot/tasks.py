@@ -1,0 +1,124 @@
+"""The bundled offline instruction tasks and their exact-match metric.
+
+The embedded default must run with no hub, so convobot generates its own Alpaca-format rows:
+short word and number tasks whose answers can be checked exactly, small enough that a tiny
+GPT-2 visibly learns them in about a minute on two CPU cores. Generation is deterministic
+(seeded), and rows are unique so the held-out split never repeats a training row.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterable
+
+WORDS = (
+    "apple", "bird", "cat", "dog", "egg", "fish", "goat", "hat", "ink", "jam", "kite", "lamp",
+    "moon", "nut", "owl", "pig", "queen", "rose", "sun", "tree", "van", "wolf", "yak", "zebra",
+)
+
+
+def _words(rng: random.Random, low: int, high: int) -> list[str]:
+    return rng.sample(WORDS, rng.randint(low, high))
+
+
+def _reverse(rng):
+    w = _words(rng, 2, 4)
+    return "Reverse the order of the words.", " ".join(w), " ".join(reversed(w))
+
+
+def _upper(rng):
+    w = _words(rng, 1, 3)
+    return "Convert the words to upper case.", " ".join(w), " ".join(w).upper()
+
+
+def _last(rng):
+    w = _words(rng, 2, 5)
+    return "Repeat the last word.", " ".join(w), w[-1]
+
+
+def _count(rng):
+    w = _words(rng, 1, 6)
+    return "How many words are in the input?", " ".join(w), str(len(w))
+
+
+def _sort(rng):
+    w = _words(rng, 2, 3)
+    return "Sort the words alphabetically.", " ".join(w), " ".join(sorted(w))
+
+
+def _add(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    # No input field: exercises the template's no-input variant.
+    return f"What is {a} plus {b}?", "", str(a + b)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "reverse": _reverse, "upper": _upper, "last": _last, "count": _count, "sort": _sort, "add": _add,
+}
+
+
+def generate_rows(num_rows: int, seed: int = 0) -> list[dict]:
+    """`num_rows` unique Alpaca rows (instruction/input/output), cycling through the tasks."""
+    rng = random.Random(seed)
+    makers = list(TASKS.values())
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < num_rows:
+        attempts += 1
+        if attempts > num_rows * 50:
+            raise ValueError(f"cannot generate {num_rows} unique task rows; the task space is smaller")
+        # Small task spaces (one-digit sums) saturate; the others then fill the remaining rows.
+        instruction, input_text, output = rng.choice(makers)(rng)
+        key = (instruction, input_text)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"instruction": instruction, "input": input_text, "output": output})
+    return rows
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def exact_match(predictions: Iterable[str], references: Iterable[str]) -> float:
+    """Fraction of predictions equal to the reference after whitespace normalisation."""
+    pairs = list(zip(predictions, references, strict=True))
+    if not pairs:
+        return 0.0
+    return sum(normalize_answer(p) == normalize_answer(r) for p, r in pairs) / len(pairs)
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE tokenizer for the bundled tasks (GPT-2's scheme, smaller vocab).
+
+    GPT-2's real 50,257-token vocab would make the tiny model's embedding and softmax dominate
+    its compute on CPU; a 512-token BPE trained on the task rows keeps the default run fast.
+    Byte-level means any text still encodes (no unknown tokens).
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from convobot.template import format_example
+
+    texts = []
+    for row in generate_rows(4000, seed=12345):
+        pair = format_example(row)
+        texts.append(pair["prompt"] + pair["completion"])
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN])
+    # GPT-2 convention: one special token serving as bos, eos and pad.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        model_max_length=1024,
+    )
+
+
+EOS_TOKEN = "<|endoftext|>"
+
+if __name__ == "__main__":
+    # Rebuild the shipped tokenizer: python -m convobot.tasks
+    from convobot.modeling import BUNDLED_TOKENIZER_DIR
+
+    train_tokenizer().save_pretrained(BUNDLED_TOKENIZER_DIR)
+    print(f"wrote {BUNDLED_TOKENIZER_DIR}")

@@ -1,0 +1,208 @@
+"""Fine-tune GPT-2 with LoRA (or fully) on Alpaca-format instructions using TRL's SFTTrainer.
+
+Examples:
+    convobot-train                                  # tiny GPT-2 + bundled tasks, LoRA, CPU, offline
+    convobot-train peft=full                        # same experiment, full fine-tune
+    convobot-train experiment=smoke                 # a few steps, seconds
+    convobot-train experiment=seed_repro            # GPT-2 small + vicgalle/alpaca-gpt4 (hub + GPU)
+    convobot-train data=local data.path=rows.jsonl  # your own instruction/input/output file
+    python -m convobot.train hydra.run.dir=outputs/mine
+
+The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save -> score.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+import datasets
+from transformers import set_seed
+from transformers.trainer_callback import ProgressCallback
+from trl import SFTConfig, SFTTrainer
+
+from convobot import data, io, metrics, modeling
+from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
+from convobot.config import CONF_DIR, DataSource, Device, PeftMethod, Precision, TrainConfig, to_container, validate
+from convobot.generate import answer
+from convobot.optim import describe_optimizer, resolve_optimizer
+from convobot.summary import print_summary
+from convobot.tasks import exact_match
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.hardware.device == Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.hardware.device == Device.cuda and not torch.cuda.is_available():
+        raise RuntimeError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
+    return torch.device(cfg.hardware.device.value)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    if cfg.hardware.precision != Precision.fp32 and device.type == "cpu":
+        log.warning("hardware.precision=%s needs a GPU; training in fp32 on CPU", cfg.hardware.precision.value)
+        return Precision.fp32
+    return cfg.hardware.precision
+
+
+def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision,
+                     optimizer: str) -> SFTConfig:
+    """TRL's SFTConfig from the composed config (SFTConfig itself stays out of Hydra)."""
+    hw, loop = cfg.hardware, cfg.train
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        seed=cfg.seed,
+        num_train_epochs=loop.epochs,
+        max_steps=loop.max_steps,
+        per_device_train_batch_size=hw.batch_size,
+        per_device_eval_batch_size=hw.eval_batch_size,
+        gradient_accumulation_steps=hw.grad_accum,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        lr_scheduler_type=cfg.optim.scheduler,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        optim=optimizer,
+        # TRL defaults bf16 to True, which fails on CPU; precision is always explicit here.
+        fp16=precision == Precision.fp16,
+        bf16=precision == Precision.bf16,
+        use_cpu=device.type == "cpu",
+        activation_checkpointing=hw.gradient_checkpointing,
+        torch_compile=hw.torch_compile,
+        max_length=cfg.data.max_length,
+        completion_only_loss=cfg.data.completion_only,
+        packing=loop.packing,
+        train_sampling_strategy="group_by_length" if loop.group_by_length else "random",
+        logging_steps=loop.logging_steps,
+        eval_strategy="steps" if loop.eval_steps else "no",
+        eval_steps=loop.eval_steps,
+        save_strategy="steps",
+        save_steps=loop.save_steps,
+        save_total_limit=loop.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=hw.dataloader_workers,
+        dataloader_pin_memory=device.type == "cuda",
+        report_to="none",
+    )
+
+
+def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> dict:
+    """Held-out loss and perplexity; exact-match where answers can be checked (bundled tasks)."""
+    rows = metrics.tokenize_for_scoring(dataset.eval, tokenizer, cfg.data.max_length, cfg.data.completion_only)
+    result = metrics.perplexity(model, rows, tokenizer.pad_token_id, cfg.hardware.eval_batch_size)
+    scores = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
+    if cfg.data.source == DataSource.bundled and cfg.report.exact_match_rows > 0:
+        checked = dataset.eval_rows[:cfg.report.exact_match_rows]
+        predictions = answer(model, tokenizer, checked, cfg.report.max_new_tokens, cfg.hardware.eval_batch_size)
+        scores["exact_match"] = exact_match(predictions, [r["output"] for r in checked])
+    return scores
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train one experiment into `run_dir` and return its metrics (also written to metrics.json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    datasets.disable_progress_bars()  # one bar for the run: training
+    set_seed(cfg.seed)
+    device = resolve_device(cfg)
+    precision = resolve_precision(cfg, device)
+
+    # --- setup: data, model, optimizer
+    tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
+    dataset = data.prepare(cfg.data, tokenizer)
+    # LoRA under fp16 keeps a frozen fp16 base (half the memory); full fine-tuning needs fp32 weights.
+    base_dtype = torch.float16 if precision == Precision.fp16 and cfg.peft.method == PeftMethod.lora else torch.float32
+    base = modeling.load_base_model(cfg.model, tokenizer, base_dtype)
+    model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
+    if precision == Precision.fp16:
+        modeling.upcast_trainable_to_fp32(model)
+    params = modeling.count_parameters(model)
+    log.info("%s", params)
+    optimizer = resolve_optimizer(cfg.optim.name, device)
+    args = build_sft_config(cfg, run_dir, device, precision, optimizer.name)
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
+                         processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossAndThroughputProgress())
+    trainer.add_callback(MetricsJsonl(run_dir / "metrics.jsonl"))
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        io.write_jsonl(run_dir / "heldout.jsonl", dataset.eval_rows)
+        if cfg.model.source.value == "tiny":
+            # A random-init base cannot be re-downloaded: keep it so the adapter can be merged later.
+            with io.atomic_dir(run_dir / "base_model", overwrite=True) as tmp:
+                base_copy = modeling.load_base_model(cfg.model, tokenizer)
+                base_copy.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+
+    before = score(trainer.model, tokenizer, dataset, cfg) if cfg.report.before and is_main else {}
+
+    # --- train
+    resume = cfg.resume if isinstance(cfg.resume, str) else bool(cfg.resume) or None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    train_seconds = train_output.metrics.get("train_runtime", time.perf_counter() - started)
+
+    # --- save (main process only; written to a temp folder, then renamed)
+    if is_main:
+        artefact = "adapter" if cfg.peft.method == PeftMethod.lora else "model"
+        with io.atomic_dir(run_dir / artefact, overwrite=True) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+    # --- score
+    after = score(trainer.model, tokenizer, dataset, cfg) if is_main else {}
+    world = max(trainer.args.world_size, 1)
+    results = {
+        "experiment": cfg.experiment_name,
+        "method": cfg.peft.method.value,
+        "train_loss": train_output.training_loss,
+        **after,
+        "before": before,
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "train_tokens": int(state.num_input_tokens_seen),
+        "tokens_per_second": state.num_input_tokens_seen / train_seconds if train_seconds else 0.0,
+        "train_seconds": train_seconds,
+        "steps": state.global_step,
+        "world_size": world,
+        "effective_batch_size": cfg.hardware.batch_size * cfg.hardware.grad_accum * world,
+        "peak_memory_bytes": metrics.peak_memory_bytes(device),
+        "device": device.type,
+        "precision": precision.value,
+        "optimizer_requested": optimizer.requested,
+        "optimizer": describe_optimizer(trainer.optimizer),
+        "optimizer_fallback_reason": optimizer.fallback_reason,
+        "data": dataset.stats,
+        "wall_seconds": time.perf_counter() - started,
+        "versions": metrics.versions(),
+    }
+    if is_main:
+        io.write_json(run_dir / "metrics.json", results)
+        samples = dataset.eval_rows[:cfg.report.samples]
+        generations = answer(trainer.model, tokenizer, samples, cfg.report.max_new_tokens) if samples else []
+        print_summary(results, run_dir, list(zip(samples, generations)))
+    return results
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(raw: DictConfig) -> float:
+    """Hydra entry point: `convobot-train [overrides]`. Returns eval loss (the sweep objective)."""
+    cfg = validate(raw)
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    results = run(cfg, run_dir)
+    return results.get("eval_loss", float("nan"))
+
+
+if __name__ == "__main__":
+    main()

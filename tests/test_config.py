@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from convobot.config import CONF_DIR, ConfigError, PeftMethod, compose, validate
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(CONF_DIR.iterdir()) if group.is_dir() and group.name not in {"experiment", "hparams_search"}
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+def test_there_are_experiments():
+    assert {"smoke", "seed_repro", "lora_4gb"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = validate(compose([f"experiment={experiment}"]))
+    assert cfg.experiment_name == experiment
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "local"):
+        overrides.append("data.path=rows.jsonl")
+    validate(compose(overrides))
+
+
+def test_seed_repro_is_the_reference_recipe(compose_train):
+    cfg = compose_train("experiment=seed_repro")
+    assert cfg.model.name == "gpt2" and cfg.data.path == "vicgalle/alpaca-gpt4"
+    assert cfg.hardware.precision.value == "fp16" and cfg.hardware.batch_size == 2
+    assert cfg.train.epochs == 3 and "8bit" in cfg.optim.name
+    assert cfg.data.completion_only is False  # the reference put the loss on the whole text
+
+
+def test_command_line_overrides_apply(compose_train):
+    cfg = compose_train("experiment=lora_4gb", "peft.r=16", "optim=paged_adamw_8bit")
+    assert cfg.peft.r == 16 and cfg.optim.name == "paged_adamw_8bit"
+    assert compose_train("peft=full").peft.method == PeftMethod.full
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises(ConfigError, match=r"peft\.rr"):
+        validate(compose(["+peft.rr=8"]))
+
+
+def test_wrong_type_fails_naming_key():
+    with pytest.raises(ConfigError, match=r"peft\.r"):
+        validate(compose(["peft.r=eight"]))
+
+
+def test_unknown_choice_fails_naming_key():
+    with pytest.raises(ConfigError, match=r"peft\.method"):
+        validate(compose(["peft.method=lorax"]))
+
+
+def test_local_data_requires_a_path():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        validate(compose(["data=local"]))
+
+
+def test_experiment_files_show_their_command():
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        lines = Path(path).read_text().splitlines()
+        assert lines[0] == "# @package _global_", path
+        assert f"experiment={path.stem}" in lines[1], f"{path}: second line should show the launch command"

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from convobot.config import ModelConfig, PeftConfig
+from convobot.modeling import AdapterError, apply_peft, count_parameters, load_base_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("bundled")
+
+
+def tiny(tokenizer, **kw):
+    return load_base_model(ModelConfig(**kw), tokenizer)
+
+
+def test_lora_trainable_params_match_hand_count(tokenizer):
+    layers, d, r = 2, 128, 8
+    model = apply_peft(tiny(tokenizer, n_layer=layers, n_embd=d), PeftConfig(r=r))
+    # Per block, LoRA adds r*(in+out) per target: c_attn d->3d, attn.c_proj d->d, c_fc d->4d, mlp.c_proj 4d->d.
+    per_block = r * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    assert count_parameters(model).trainable == layers * per_block == 32_768
+
+
+def test_full_fine_tune_trains_everything(tokenizer):
+    model = apply_peft(tiny(tokenizer), PeftConfig(method="full"))
+    params = count_parameters(model)
+    assert params.trainable == params.total > 0
+
+
+def test_lora_update_has_conv1d_shape(tokenizer):
+    """fan_in_fan_out=True: Conv1D stores (in, out); the merged delta must match that layout."""
+    model = apply_peft(tiny(tokenizer), PeftConfig(r=4))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    assert layer.get_delta_weight("default").shape == layer.base_layer.weight.shape == (128, 384)
+
+
+def test_target_matching_nothing_is_refused(tokenizer):
+    with pytest.raises(AdapterError, match=r"q_proj"):
+        apply_peft(tiny(tokenizer), PeftConfig(target_modules=["q_proj"]))
+
+
+def test_tiny_model_is_reproducible_and_uses_sdpa(tokenizer):
+    first, second = tiny(tokenizer), tiny(tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert first.config._attn_implementation == "sdpa"
+    assert first.config.vocab_size == len(tokenizer)
+
+
+def test_gradient_checkpointing_with_lora_reaches_adapters(tokenizer):
+    model = apply_peft(tiny(tokenizer), PeftConfig(), gradient_checkpointing=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    # lora_B starts at zero (so lora_A's first gradient is zero); lora_B's must be non-zero.
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from convobot.optim import FALLBACK, bnb_8bit_runs_on, describe_optimizer, resolve_optimizer
+
+
+def test_bitsandbytes_8bit_adamw_runs_on_this_cpu():
+    """bitsandbytes >= 0.45 ships a CPU backend; if this fails, the fallback test below covers it."""
+    problem = bnb_8bit_runs_on(torch.device("cpu"))
+    if problem is not None:
+        pytest.skip(f"bitsandbytes 8-bit AdamW unavailable here: {problem}")
+    import bitsandbytes as bnb
+
+    param = torch.nn.Parameter(torch.randn(128, 128))
+    optimizer = bnb.optim.AdamW8bit([param], lr=1e-2)
+    before = param.detach().clone()
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert optimizer.state[param]["state1"].dtype == torch.uint8
+    assert not torch.equal(before, param.detach())  # it really stepped
+    assert "state uint8" in describe_optimizer(optimizer)
+
+
+def test_non_bnb_optimizer_passes_through():
+    choice = resolve_optimizer("adamw_torch", torch.device("cpu"))
+    assert choice.name == "adamw_torch" and choice.fallback_reason is None
+
+
+def test_fallback_is_loud_and_recorded(monkeypatch):
+    monkeypatch.setattr("convobot.optim.bnb_8bit_runs_on", lambda device: "simulated: no backend")
+    with pytest.warns(RuntimeWarning, match="FALLING BACK"):
+        choice = resolve_optimizer("adamw_bnb_8bit", torch.device("cpu"))
+    assert choice.name == FALLBACK and choice.fallback_reason == "simulated: no backend"
