@@ -126,6 +126,8 @@ class HardwareConfig:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     vram_gb: Optional[float] = None
+    # A CUDA run whose memory plan (convobot.plan) exceeds vram_gb is refused unless this is true.
+    allow_over_budget: bool = False
     dataloader_workers: int = 0
     torch_compile: bool = False
 
@@ -138,9 +140,16 @@ class TrainLoopConfig:
     # Evaluate every N steps during training; null = only at the end.
     eval_steps: Optional[int] = None
     save_steps: int = 500
-    save_total_limit: Optional[int] = 2
+    # Retention: keep the newest K checkpoints (null = all). keep_best also keeps the lowest-eval-loss one
+    # and makes it the saved adapter/model; it needs eval_steps, and save_steps a multiple of it.
+    keep_last: Optional[int] = 2
+    keep_best: bool = False
     packing: bool = False
     group_by_length: bool = False
+    # Multi-process runs (torchrun / accelerate launch): null = the Trainer's choice (nccl on GPUs, gloo on CPU).
+    ddp_backend: Optional[str] = None
+    # Each rank appends the hash and token count of every sample it trains on to samples/rank<N>.jsonl.
+    log_samples: bool = False
 
 
 @dataclass
@@ -164,7 +173,8 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
-    # true: continue from the newest checkpoint in the run dir; or a checkpoint path.
+    # false | true (newest checkpoint in this run dir, else an error) | auto (the same, else start fresh)
+    # | a run dir or checkpoint-N path. See convobot/resume.py.
     resume: Any = False
     experiment_name: str = "default"
 
@@ -197,6 +207,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("data.eval_size", cfg.data.eval_size > 0, "must be > 0"),
         ("data.path", cfg.data.source == DataSource.bundled or bool(cfg.data.path),
          f"is required for data.source={cfg.data.source.value}"),
+        ("train.keep_last", cfg.train.keep_last is None or cfg.train.keep_last > 0, "must be > 0, or null to keep all"),
+        ("train.eval_steps", not cfg.train.keep_best or bool(cfg.train.eval_steps),
+         "is required by train.keep_best=true (evaluation picks the best checkpoint)"),
+        ("train.save_steps", not (cfg.train.keep_best and cfg.train.eval_steps)
+         or cfg.train.save_steps % cfg.train.eval_steps == 0,
+         "must be a multiple of train.eval_steps when train.keep_best=true"),
+        ("resume", isinstance(cfg.resume, bool) or (isinstance(cfg.resume, str) and bool(cfg.resume.strip())),
+         "must be true, false, auto, or a run dir / checkpoint path"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -1,9 +1,13 @@
-"""Batched generation from Alpaca prompts, used for exact-match scoring and sample answers."""
+"""Generation from Alpaca prompts: batched (exact-match scoring, sample answers) and streamed (chat)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from threading import Thread
+from typing import Iterator
+
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, TextIteratorStreamer
 
 from convobot.template import format_prompt
 
@@ -42,3 +46,59 @@ def answer(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_s
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling settings for chat and for a release bundle's generation_config.json (temperature 0 = greedy)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+
+def stream_answer(model, tokenizer, instruction: str, input: str = "",
+                  options: GenerationOptions | None = None) -> Iterator[str]:
+    """Yield the answer to one instruction as text pieces while it is generated; stops at EOS.
+
+    generate() runs in a thread and feeds a TextIteratorStreamer, which this generator drains.
+    """
+    options = options or GenerationOptions()
+    device = next(model.parameters()).device
+    batch = tokenizer(format_prompt(instruction, input), return_tensors="pt", add_special_tokens=False).to(device)
+    room = context_length(model) - batch["input_ids"].shape[1]
+    if room <= 0:
+        raise ValueError(f"the prompt is {batch['input_ids'].shape[1]} tokens; the model's context is "
+                         f"{context_length(model)}")
+    # Positions past the context have no embedding: cap the answer rather than crash mid-stream.
+    config = generation_config(tokenizer, **(asdict(options) | {"max_new_tokens": min(options.max_new_tokens, room)}))
+    if not config.do_sample:  # generate() fills unset (None) fields from the model's saved sampling defaults
+        config.temperature, config.top_p = 1.0, 1.0
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def generate():
+        try:
+            with torch.no_grad():
+                model.generate(**batch, generation_config=config, streamer=streamer)
+        except BaseException as err:  # re-raised below; end the stream so the reader is not left waiting
+            failure.append(err)
+            streamer.end()
+
+    was_training = model.training
+    model.eval()
+    thread = Thread(target=generate, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        thread.join()
+        model.train(was_training)
+    if failure:
+        raise failure[0]
+
+
+def context_length(model) -> int:
+    """Positions the model has embeddings for (GPT-2: n_positions)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or config.max_position_embeddings

@@ -79,6 +79,50 @@ def perplexity(model, rows: list[dict], pad_token_id: int, batch_size: int = 16)
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": tokens}
 
 
+def perplexities(model, pairs: Dataset, tokenizer, max_length: int, batch_size: int = 16) -> dict:
+    """Full-sequence and response-only perplexity of prompt/completion pairs (the two ways to score SFT)."""
+    return {
+        name: perplexity(model, tokenize_for_scoring(pairs, tokenizer, max_length, completion_only),
+                         tokenizer.pad_token_id, batch_size)
+        for name, completion_only in (("full", False), ("response", True))
+    }
+
+
+def token_stream(pairs: Dataset, tokenizer) -> list[int]:
+    """All pairs as one token stream (prompt + completion + EOS, back to back), untruncated."""
+    rows = tokenize_for_scoring(pairs, tokenizer, max_length=sys.maxsize, completion_only=False)
+    return [token for row in rows for token in row["input_ids"]]
+
+
+def sliding_windows(input_ids: list[int], window: int, stride: int) -> list[dict]:
+    """Cut a token stream longer than the context into windows of `window` tokens, one every `stride`.
+
+    Each window scores only the tokens the previous one did not, so every token after the first is
+    scored exactly once, and (past the first window) with at least window - stride tokens of context.
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"sliding window needs 0 < stride < window, got stride={stride}, window={window}")
+    rows, scored_until = [], 0
+    for begin in range(0, len(input_ids), stride):
+        end = min(begin + window, len(input_ids))
+        ids = input_ids[begin:end]
+        seen = scored_until - begin  # these were targets of the previous window: context only
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * seen + ids[seen:]})
+        scored_until = end
+        if end == len(input_ids):
+            break
+    return rows
+
+
+def sliding_window_perplexity(model, input_ids: list[int], window: int, stride: int, pad_token_id: int,
+                              batch_size: int = 16) -> dict:
+    """Strided sliding-window perplexity of one long token stream (the usual way to score text
+    longer than the model's context)."""
+    rows = sliding_windows(input_ids, window, stride)
+    return perplexity(model, rows, pad_token_id, batch_size) | {"window": window, "stride": stride,
+                                                                  "windows": len(rows)}
+
+
 def peak_memory_bytes(device: torch.device | str) -> int:
     """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
     if torch.device(device).type == "cuda":

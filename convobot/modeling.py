@@ -49,10 +49,12 @@ def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype:
     Weights load as safetensors only (`use_safetensors=True`); remote code is never trusted.
     """
     if cfg.source == ModelSource.tiny:
-        torch.manual_seed(cfg.init_seed)
         config = tiny_gpt2_config(cfg, tokenizer)
         config._attn_implementation = cfg.attn_implementation
-        return GPT2LMHeadModel(config).to(dtype)
+        # Seeded apart from the global RNG: the same base every time, without disturbing run seeds.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            return GPT2LMHeadModel(config).to(dtype)
     return AutoModelForCausalLM.from_pretrained(
         cfg.name,
         revision=cfg.revision,

@@ -25,12 +25,24 @@ class OptimizerChoice:
     fallback_reason: str | None = None
 
 
+def forget_bitsandbytes_overrides() -> None:
+    """bitsandbytes keeps optimizer overrides (the Trainer's 32-bit embeddings) in a process-wide singleton
+    keyed by parameter position. Cleared before each run, so a later run in this process (a multirun job)
+    cannot inherit them: after a full fine-tune, a LoRA run's 8-bit probe got fp32 state and fell back."""
+    try:
+        from bitsandbytes.optim import GlobalOptimManager
+    except Exception:  # not importable: the probe says why
+        return
+    GlobalOptimManager.get_instance().initialize()
+
+
 def bnb_8bit_runs_on(device: torch.device) -> str | None:
     """None if a bitsandbytes 8-bit AdamW step works on `device` with uint8 state, else why not."""
     try:
         import bitsandbytes as bnb
     except Exception as err:  # ImportError, or a broken native library
         return f"bitsandbytes cannot be imported: {err}"
+    forget_bitsandbytes_overrides()
     try:
         # 8-bit state is only used for tensors of >= 4096 elements (bitsandbytes' min_8bit_size).
         param = torch.nn.Parameter(torch.randn(64, 64, device=device))

@@ -7,6 +7,8 @@ Examples:
     convobot-train experiment=seed_repro            # GPT-2 small + vicgalle/alpaca-gpt4 (hub + GPU)
     convobot-train data=local data.path=rows.jsonl  # your own instruction/input/output file
     python -m convobot.train hydra.run.dir=outputs/mine
+    convobot-train resume=true hydra.run.dir=outputs/mine              # continue an interrupted run
+    torchrun --nproc_per_node=2 -m convobot.train hydra.run.dir=outputs/ddp  # data-parallel, one process per GPU
 
 The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save -> score.
 """
@@ -25,7 +27,7 @@ from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from convobot import data, io, metrics, modeling
+from convobot import data, distributed, io, metrics, modeling, plan, resume
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
 from convobot.config import CONF_DIR, DataSource, Device, PeftMethod, Precision, TrainConfig, to_container, validate
 from convobot.generate import answer
@@ -60,9 +62,12 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
         seed=cfg.seed,
         num_train_epochs=loop.epochs,
         max_steps=loop.max_steps,
-        per_device_train_batch_size=hw.batch_size,
+        # Packed, a batch of B sequences is flattened into one of B*max_length tokens, and SDPA (no varlen kernel)
+        # pays attention over all of them; B accumulated micro-batches of one sequence train the same tokens per
+        # optimizer step (the loss is normalised over the whole step) at a single sequence's attention cost.
+        per_device_train_batch_size=1 if loop.packing else hw.batch_size,
         per_device_eval_batch_size=hw.eval_batch_size,
-        gradient_accumulation_steps=hw.grad_accum,
+        gradient_accumulation_steps=hw.grad_accum * (hw.batch_size if loop.packing else 1),
         learning_rate=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_ratio,  # a float < 1 is a fraction of the total steps
@@ -77,16 +82,31 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
         torch_compile=hw.torch_compile,
         max_length=cfg.data.max_length,
         completion_only_loss=cfg.data.completion_only,
+        # Packing fills each sequence with whole rows (best-fit decreasing) and no padding; position_ids restart at
+        # 0 per row and no attention_mask is sent, so transformers' SDPA/eager masks become block-diagonal and rows
+        # never attend to each other (tests/test_packing.py checks both this and the loss).
         packing=loop.packing,
+        packing_strategy="bfd",
         train_sampling_strategy="group_by_length" if loop.group_by_length else "random",
         logging_steps=loop.logging_steps,
         eval_strategy="steps" if loop.eval_steps else "no",
         eval_steps=loop.eval_steps,
         save_strategy="steps",
         save_steps=loop.save_steps,
-        save_total_limit=loop.save_total_limit,
-        include_num_input_tokens_seen="non_padding",
+        save_total_limit=loop.keep_last,
+        # keep_best: the lowest-eval-loss checkpoint survives rotation and is loaded back at the end (then saved).
+        load_best_model_at_end=loop.keep_best,
+        metric_for_best_model="eval_loss" if loop.keep_best else None,
+        greater_is_better=False if loop.keep_best else None,
+        # torchrun / accelerate launch: every parameter that trains is used in each forward, so DDP can skip
+        # the search for unused ones (and its warning).
+        ddp_backend=loop.ddp_backend,
+        ddp_find_unused_parameters=False,
+        # Packed batches have no attention_mask, so "non_padding" would count input_ids != pad, skipping every EOS
+        # (GPT-2's pad is its EOS); they hold no padding at all, so counting every token is exact.
+        include_num_input_tokens_seen="all" if loop.packing else "non_padding",
         dataloader_num_workers=hw.dataloader_workers,
+        dataloader_persistent_workers=hw.dataloader_workers > 0,
         dataloader_pin_memory=device.type == "cuda",
         report_to="none",
     )
@@ -108,18 +128,19 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train one experiment into `run_dir` and return its metrics (also written to metrics.json)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume.find_checkpoint(cfg.resume, run_dir)  # before any work: a wrong path fails at once
     started = time.perf_counter()
     datasets.disable_progress_bars()  # one bar for the run: training
     set_seed(cfg.seed)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
+    if device.type == "cuda":  # refuse what the card cannot hold before loading anything (convobot-plan)
+        plan.check_fits(cfg, device.type, precision)
 
     # --- setup: data, model, optimizer
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
     dataset = data.prepare(cfg.data, tokenizer)
-    # LoRA under fp16 keeps a frozen fp16 base (half the memory); full fine-tuning needs fp32 weights.
-    base_dtype = torch.float16 if precision == Precision.fp16 and cfg.peft.method == PeftMethod.lora else torch.float32
-    base = modeling.load_base_model(cfg.model, tokenizer, base_dtype)
+    base = modeling.load_base_model(cfg.model, tokenizer, plan.base_dtype(precision, cfg.peft.method))
     model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
     if precision == Precision.fp16:
         modeling.upcast_trainable_to_fp32(model)
@@ -130,9 +151,13 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
                          processing_class=tokenizer)
+    if checkpoint:
+        resume.check_unfinished(trainer, checkpoint)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossAndThroughputProgress())
     trainer.add_callback(MetricsJsonl(run_dir / "metrics.jsonl"))
+    if cfg.train.log_samples:
+        trainer.add_callback(distributed.SampleLog(run_dir / "samples"))
     is_main = trainer.is_world_process_zero()
     if is_main:
         io.write_jsonl(run_dir / "heldout.jsonl", dataset.eval_rows)
@@ -145,9 +170,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
     before = score(trainer.model, tokenizer, dataset, cfg) if cfg.report.before and is_main else {}
 
-    # --- train
-    resume = cfg.resume if isinstance(cfg.resume, str) else bool(cfg.resume) or None
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    # --- train (from a checkpoint, the Trainer restores optimizer, scheduler, RNG and data position)
+    resumed_step, resumed_tokens = resume.steps_and_tokens(checkpoint)
+    if checkpoint and is_main:
+        log.info("resuming from %s (step %d)", checkpoint, resumed_step)
+        resume.rewind_run_dir(run_dir, resumed_step)
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     state = trainer.state
     train_seconds = train_output.metrics.get("train_runtime", time.perf_counter() - started)
 
@@ -170,10 +198,15 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": params.percent,
+        # Tokens and steps are totals over all ranks and, after a resume, over all sessions; train_loss,
+        # train_seconds and tokens/s cover this session only.
         "train_tokens": int(state.num_input_tokens_seen),
-        "tokens_per_second": state.num_input_tokens_seen / train_seconds if train_seconds else 0.0,
+        "tokens_per_second": (state.num_input_tokens_seen - resumed_tokens) / train_seconds if train_seconds else 0.0,
         "train_seconds": train_seconds,
         "steps": state.global_step,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "resumed_from_step": resumed_step,
+        "best_checkpoint": state.best_model_checkpoint,
         "world_size": world,
         "effective_batch_size": cfg.hardware.batch_size * cfg.hardware.grad_accum * world,
         "peak_memory_bytes": metrics.peak_memory_bytes(device),
@@ -199,7 +232,10 @@ def main(raw: DictConfig) -> float:
     """Hydra entry point: `convobot-train [overrides]`. Returns eval loss (the sweep objective)."""
     cfg = validate(raw)
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
+    run_dir = distributed.shared_run_dir(run_dir, resolve_device(cfg).type == "cpu", cfg.train.ddp_backend)
+    if distributed.rank() == 0:
+        io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
     results = run(cfg, run_dir)
     return results.get("eval_loss", float("nan"))
 

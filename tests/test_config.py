@@ -5,11 +5,8 @@ import pytest
 from convobot.config import CONF_DIR, ConfigError, PeftMethod, compose, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-GROUP_OPTIONS = [
-    (group.name, option.stem)
-    for group in sorted(CONF_DIR.iterdir()) if group.is_dir() and group.name not in {"experiment", "hparams_search"}
-    for option in sorted(group.glob("*.yaml"))
-]
+TRAIN_GROUPS = ("model", "data", "peft", "optim", "hardware")
+GROUP_OPTIONS = [(group, option.stem) for group in TRAIN_GROUPS for option in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
 def test_there_are_experiments():

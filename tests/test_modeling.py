@@ -50,7 +50,7 @@ def test_tiny_model_is_reproducible_and_uses_sdpa(tokenizer):
 
 def test_gradient_checkpointing_with_lora_reaches_adapters(tokenizer):
     model = apply_peft(tiny(tokenizer), PeftConfig(), gradient_checkpointing=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     ids = torch.randint(0, len(tokenizer), (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()

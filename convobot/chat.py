@@ -1,0 +1,100 @@
+"""Chat with a merged bundle or a run's adapter: the training template, streamed, stopping at EOS.
+
+Examples:
+    convobot-chat model=release/convobot-gpt2-alpaca                                 # REPL
+    convobot-chat model=release/convobot-gpt2-alpaca prompt="Give three tips for staying healthy."
+    convobot-chat model=outputs/demo prompt="Reverse the order of the words." input="apple bird cat"
+    convobot-chat model=outputs/demo/release generation.temperature=0 generation.max_new_tokens=32
+    convobot-chat model=outputs/demo/release prompt="'Name a fruit, then a colour.'"   # commas: quote twice
+
+`model` is a bundle from convobot-merge, a run dir (its adapter runs unmerged on the base), or a
+run's adapter/ folder. In the REPL each line is an instruction; `instruction || input` adds an input;
+an empty line, `exit` or Ctrl-D ends it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional, TextIO
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from transformers import set_seed
+
+from convobot.generate import GenerationOptions, stream_answer
+from convobot.merge import COMMANDS_CONF_DIR, load_model, run_command
+
+INPUT_SEPARATOR = "||"
+
+
+@dataclass
+class ChatConfig:
+    model: str = MISSING
+    # One instruction to answer, then exit; null: an interactive session.
+    prompt: Optional[str] = None
+    # The Alpaca input that goes with `prompt` (optional).
+    input: str = ""
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    seed: int = 0
+    # auto: cuda if available, else cpu.
+    device: str = "auto"
+
+
+ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
+
+
+def respond(model, tokenizer, instruction: str, input: str, options: GenerationOptions, out: TextIO) -> str:
+    """Stream the answer to `out` as it is generated; return it whole."""
+    pieces = []
+    for piece in stream_answer(model, tokenizer, instruction, input, options):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    return "".join(pieces)
+
+
+def repl(model, tokenizer, options: GenerationOptions, read: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> int:
+    """Answer instructions until an empty line, `exit` or end of input; returns how many were answered."""
+    out.write(f"Alpaca-template chat. 'instruction {INPUT_SEPARATOR} input' adds an input; "
+              "empty line or 'exit' quits.\n")
+    answered = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return answered
+        if not line or line.lower() in {"exit", "quit"}:
+            return answered
+        instruction, _, extra = line.partition(INPUT_SEPARATOR)
+        out.write("bot> ")
+        respond(model, tokenizer, instruction.strip(), extra.strip(), options, out)
+        answered += 1
+
+
+def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
+    """One-shot answer to `cfg.prompt` (returned), or a REPL when there is none."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model, tokenizer = load_model(cfg.model)
+    model.to(device)
+    set_seed(cfg.seed)
+    if cfg.prompt is not None:
+        return respond(model, tokenizer, cfg.prompt, cfg.input, cfg.generation, out)
+    repl(model, tokenizer, cfg.generation, out=out)
+    return None
+
+
+@hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="chat", version_base="1.3")
+def main(raw) -> None:
+    """Hydra entry point: `convobot-chat model=<bundle or run dir> [prompt=...] [generation.temperature=0]`."""
+    run_command("convobot-chat", chat, raw)
+
+
+if __name__ == "__main__":
+    main()

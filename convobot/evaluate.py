@@ -1,0 +1,225 @@
+"""Perplexity on held-out instructions: full-sequence, response-only and strided sliding-window.
+
+Examples:
+    convobot-eval model=release/convobot-gpt2-alpaca data=alpaca_gpt4          # the data's held-out split
+    convobot-eval run_dir=outputs/demo                                         # the run's held-out rows
+    convobot-eval run_dir=outputs/demo compare=[base,adapter,merged]           # side by side
+    convobot-eval run_dir=outputs/demo model=outputs/demo/release compare=[base,merged]   # merged = the bundle
+    convobot-eval model=outputs/demo/release data=rows.jsonl sliding.stride=64 output=ppl.json
+
+Perplexity is exp(sum of token NLL / number of scored tokens), so it does not depend on batch size.
+Labels mask the prompt (response-only) and padding by position, never by pad id: GPT-2's pad is its
+EOS, and each answer's final EOS is scored. `data=` is a conf/data name (its seeded held-out split,
+the one training held out) or a .json/.jsonl/.csv/.parquet file (every row). Without it, the run's
+heldout.jsonl is used (a bundle remembers its run in merge_report.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from datasets import Dataset
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from convobot import data, io, metrics
+from convobot.config import CONF_DIR, ConfigError, DataConfig, DataSource, PeftMethod
+from convobot.merge import (COMMANDS_CONF_DIR, REPORT, MergeVerificationError, ModelPathError, Run, load_base,
+                            load_model, load_trained, open_run, run_command)
+from convobot.modeling import load_tokenizer
+from convobot.generate import context_length
+from convobot.template import format_example
+
+MODELS = ("base", "adapter", "merged")
+
+
+@dataclass
+class SlidingConfig:
+    enabled: bool = True
+    # Tokens per window; null: the model's context length.
+    window: Optional[int] = None
+    # Tokens between window starts (each window scores only its last `stride` tokens); null: window // 2.
+    stride: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    # A merged bundle / model folder, a run dir or a run's adapter/.
+    model: Optional[str] = None
+    run_dir: Optional[str] = None
+    # A conf/data name or a data file; null: the run's heldout.jsonl.
+    data: Optional[str] = None
+    # Score several models of run_dir side by side: any of base, adapter, merged.
+    compare: list[str] = field(default_factory=list)
+    max_rows: Optional[int] = None
+    # Tokens kept per row; null: the run's / data config's data.max_length (capped at the context).
+    max_length: Optional[int] = None
+    batch_size: int = 16
+    sliding: SlidingConfig = field(default_factory=SlidingConfig)
+    # Largest relative perplexity difference allowed between adapter and merged models.
+    tolerance: float = 1e-4
+    # Also write the report as JSON here.
+    output: Optional[str] = None
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+@dataclass
+class HeldOut:
+    pairs: Dataset
+    max_length: Optional[int]
+    source: str
+
+
+def find_run(cfg: EvalConfig) -> Run | None:
+    """The run behind the evaluation: run_dir, or `model` if it is a run dir / adapter / bundle of one."""
+    if cfg.run_dir:
+        return open_run(cfg.run_dir)
+    if not cfg.model:
+        raise ModelPathError("nothing to evaluate: pass model=<bundle or run dir> or run_dir=<run dir>")
+    path = Path(cfg.model)
+    if not path.exists():
+        raise ModelPathError(f"model path {path} does not exist")
+    if (path / "adapter_config.json").is_file():
+        path = path.parent
+    if (path / "config.yaml").is_file():
+        return open_run(path)
+    if (path / REPORT).is_file():  # a bundle: its run, if that is still around
+        run_dir = Path(json.loads((path / REPORT).read_text())["run_dir"])
+        return open_run(run_dir) if run_dir.is_dir() else None
+    return None
+
+
+def held_out(cfg: EvalConfig, run: Run | None) -> HeldOut:
+    """The prompt/completion pairs to score, the row length to score them at, and their origin."""
+    if cfg.data and Path(cfg.data).suffix.lower() in data.LOCAL_BUILDERS:
+        rows, _ = data.load_rows(DataConfig(name="local", source=DataSource.local, path=cfg.data))
+        found = HeldOut(rows.map(format_example, remove_columns=list(data.FIELDS)), None, f"{cfg.data} (all rows)")
+    elif cfg.data:
+        found = _held_out_split(cfg.data)
+    elif run is not None:
+        found = HeldOut(run.heldout_pairs(), run.config.data.max_length, str(run.path / "heldout.jsonl"))
+    else:
+        raise ModelPathError(f"no held-out data for {cfg.model}: pass data=<conf/data name or file> or run_dir=<run>")
+    if cfg.max_rows is not None:
+        found.pairs = found.pairs.select(range(min(cfg.max_rows, len(found.pairs))))
+    found.max_length = cfg.max_length or found.max_length
+    return found
+
+
+def _held_out_split(name: str) -> HeldOut:
+    """The seeded held-out split of a conf/data config: the rows training held out."""
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise data.DataError(f"data={name}: neither a data file (.json/.jsonl/.csv/.parquet) nor a conf/data "
+                             f"config (one of {names})")
+    config: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
+    rows, _ = data.load_rows(config)
+    _, heldout = data.split_rows(rows, config)
+    return HeldOut(heldout.map(format_example, remove_columns=list(data.FIELDS)), config.max_length,
+                   f"{config.path or name} (held-out split, seed {config.split_seed})")
+
+
+def score(model, tokenizer, heldout: HeldOut, cfg: EvalConfig) -> dict:
+    """Full-sequence and response-only perplexity of the rows, and sliding-window perplexity of
+    all rows as one stream (longer than the context, so windows overlap by window - stride)."""
+    context = context_length(model)
+    max_length = min(heldout.max_length or context, context)
+    result = metrics.perplexities(model, heldout.pairs, tokenizer, max_length, cfg.batch_size)
+    if cfg.sliding.enabled:
+        window = min(cfg.sliding.window or context, context)
+        stride = cfg.sliding.stride or window // 2
+        if not 0 < stride < window:
+            raise ConfigError(f"config key 'sliding.stride' must be in [1, {window - 1}] (window {window}), got {stride}")
+        stream = metrics.token_stream(heldout.pairs, tokenizer)
+        result["sliding"] = metrics.sliding_window_perplexity(model, stream, window, stride, tokenizer.pad_token_id,
+                                                              cfg.batch_size)
+    return result | {"max_length": max_length}
+
+
+def models_to_score(cfg: EvalConfig, run: Run | None):
+    """(label, loader) pairs; each model is loaded only when its turn comes, to hold one at a time."""
+    if not cfg.compare:
+        path = cfg.model or cfg.run_dir
+        return [(Path(path).name or path, lambda: load_model(path))]
+    unknown = sorted(set(cfg.compare) - set(MODELS))
+    if unknown:
+        raise ConfigError(f"config key 'compare': unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if run is None:
+        raise ModelPathError("compare needs a run: pass run_dir=<run dir> (base and adapter come from it)")
+    tokenizer = load_tokenizer(str(run.weights_dir))
+
+    def merged():
+        if cfg.model:
+            return load_model(cfg.model)
+        trained = load_trained(run)
+        return (trained.merge_and_unload() if run.method == PeftMethod.lora else trained), tokenizer
+
+    loaders = {"base": lambda: (load_base(run), tokenizer), "adapter": lambda: (load_trained(run), tokenizer),
+               "merged": merged}
+    return [(name, loaders[name]) for name in MODELS if name in cfg.compare]
+
+
+def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
+    """Score one model, or several side by side; prints a table and returns the report."""
+    console = console or Console()
+    run = find_run(cfg)
+    heldout = held_out(cfg, run)
+    report = {"data": heldout.source, "rows": len(heldout.pairs), "models": {}}
+    for label, load in models_to_score(cfg, run):
+        model, tokenizer = load()
+        report["models"][label] = score(model, tokenizer, heldout, cfg)
+        del model
+    if {"adapter", "merged"} <= report["models"].keys():
+        report["adapter_vs_merged"] = check_same_perplexity(report["models"]["adapter"], report["models"]["merged"],
+                                                            cfg.tolerance)
+    print_table(report, console)
+    if cfg.output:
+        io.write_json(Path(cfg.output), report)
+    return report
+
+
+def check_same_perplexity(adapter: dict, merged: dict, tolerance: float) -> dict:
+    """Merging must not change what the model predicts: equal perplexities, to `tolerance` (relative)."""
+    differences = {kind: abs(merged[kind]["perplexity"] / adapter[kind]["perplexity"] - 1)
+                   for kind in ("full", "response", "sliding") if kind in adapter}
+    worst = max(differences, key=differences.get)
+    if not differences[worst] <= tolerance:
+        raise MergeVerificationError(f"adapter and merged {worst} perplexity differ by {differences[worst]:.3g} "
+                                     f"(relative) > tolerance {tolerance:g}")
+    return {"max_relative_difference": differences[worst], "tolerance": tolerance}
+
+
+def print_table(report: dict, console: Console) -> None:
+    table = Table(title=f"convobot-eval · {report['data']} · {report['rows']} rows",
+                  caption="perplexity; sliding: all rows as one stream, window/stride tokens")
+    for column in ("model", "full", "response", "sliding", "window/stride", "tokens full/response"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    for label, result in report["models"].items():
+        sliding = result.get("sliding")
+        table.add_row(label, f"{result['full']['perplexity']:.3f}", f"{result['response']['perplexity']:.3f}",
+                      f"{sliding['perplexity']:.3f}" if sliding else "-",
+                      f"{sliding['window']}/{sliding['stride']}" if sliding else "-",
+                      f"{result['full']['tokens']:,}/{result['response']['tokens']:,}")
+    console.print(table)
+    if "adapter_vs_merged" in report:
+        console.print(f"adapter vs merged: perplexities agree to {report['adapter_vs_merged']['max_relative_difference']:.1e}"
+                      f" (relative; tolerance {report['adapter_vs_merged']['tolerance']:g})")
+
+
+@hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="eval", version_base="1.3")
+def main(raw) -> None:
+    """Hydra entry point: `convobot-eval model=... | run_dir=... [data=...] [compare=[base,adapter,merged]]`."""
+    run_command("convobot-eval", evaluate, raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Export a merged bundle to ONNX, and check that onnxruntime gives PyTorch's logits.
+
+Examples:
+    convobot-export-onnx model=release/convobot-gpt2-alpaca      # adds onnx/model.onnx (+ .data) to the bundle
+    convobot-export-onnx model=outputs/demo/release output_dir=onnx/demo
+    convobot-merge run_dir=outputs/demo output_dir=release/demo export_onnx=true   # the same, while merging
+
+optimum is the usual exporter, but no optimum release exports ONNX with transformers 5.x
+(STACK.md §1), so this uses torch.onnx.export's dynamo exporter (needs onnxscript). The graph maps
+input_ids and attention_mask (batch and sequence length dynamic) to the logits of every position,
+without a KV cache. Exporting into a bundle refreshes its SHA256SUMS and merge_report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from rich.console import Console
+
+from convobot import io, metrics
+from convobot.merge import (CHECKSUMS, COMMANDS_CONF_DIR, REPORT, ModelPathError, check_logits_match, load_model,
+                            real_token_logits, run_command, write_checksums)
+from convobot.template import format_prompt
+
+INPUTS = ("input_ids", "attention_mask")
+
+
+class LogitsOnly(torch.nn.Module):
+    """A causal LM as a function (input_ids, attention_mask) -> logits: no cache, no output dict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def export_onnx(model, folder: Path, probe: dict[str, torch.Tensor], tolerance: float = 1e-4,
+                opset: int | None = None) -> dict:
+    """Write `folder`/model.onnx, run it with onnxruntime and compare its logits with PyTorch's.
+
+    `probe` is a padded batch (input_ids, attention_mask) of at least two rows: the export traces it,
+    and the check runs it plus a smaller batch of shorter rows, so the dynamic axes are exercised.
+    """
+    if probe["input_ids"].shape[0] < 2:
+        raise ValueError("the ONNX export needs a probe batch of >= 2 rows (a batch of 1 would fix the batch axis)")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    wrapper = LogitsOnly(model).eval()
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # It warns once per torchvision op it cannot register; convobot exports no torchvision ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # The exporter's own chatter (axis renaming, pytree deprecations); its failures still raise.
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(wrapper, tuple(probe[name] for name in INPUTS), str(path), input_names=list(INPUTS),
+                          output_names=["logits"], opset_version=opset, dynamo=True, verbose=False,
+                          dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUTS})
+    longest = int(probe["attention_mask"].sum(1).argmax())
+    half = max(2, int(probe["attention_mask"][longest].sum()) // 2)
+    checked = [probe, {name: probe[name][longest:longest + 1, :half] for name in INPUTS}]
+    diff = max(onnx_vs_torch(path, wrapper.model, inputs, tolerance) for inputs in checked)
+    return {"file": path.name, "max_abs_logit_diff": diff, "tolerance": tolerance,
+            "checked_shapes": [list(inputs["input_ids"].shape) for inputs in checked]}
+
+
+def onnx_vs_torch(path: Path, model, inputs: dict[str, torch.Tensor], tolerance: float) -> float:
+    """Max |onnxruntime - PyTorch| logit difference at real (non-padding) tokens; raises above `tolerance`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {name: inputs[name].numpy() for name in INPUTS})
+    onnx_logits = torch.from_numpy(logits)[inputs["attention_mask"].bool()]
+    return check_logits_match(real_token_logits(model, inputs), onnx_logits, tolerance,
+                              f"onnxruntime ({path.name}) vs PyTorch, shape {list(inputs['input_ids'].shape)}")
+
+
+EXAMPLES = (("Give three tips for staying healthy.", ""), ("Reverse the order of the words.", "apple bird cat"))
+
+
+def example_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """Two Alpaca prompts of different lengths, padded: the export's trace inputs."""
+    rows = [{"input_ids": ids, "labels": ids} for ids in
+            tokenizer([format_prompt(*example) for example in EXAMPLES], add_special_tokens=False)["input_ids"]]
+    batch = metrics.pad_batch(rows, tokenizer.pad_token_id)
+    return {name: batch[name] for name in INPUTS}
+
+
+@dataclass
+class ExportConfig:
+    # A merged bundle (config.json + model.safetensors), e.g. from convobot-merge.
+    model: str = MISSING
+    # null: <model>/onnx, inside the bundle (its SHA256SUMS and merge_report.json are refreshed).
+    output_dir: Optional[str] = None
+    overwrite: bool = False
+    tolerance: float = 1e-4
+    # null: the exporter's default opset.
+    opset: Optional[int] = None
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+def export(cfg: ExportConfig, console: Console | None = None) -> dict:
+    """Export a bundle to ONNX with a parity check; written atomically."""
+    console = console or Console()
+    bundle = Path(cfg.model)
+    if not (bundle / "config.json").is_file():
+        raise ModelPathError(f"{bundle} is not a merged model folder (no config.json); "
+                             "export the bundle convobot-merge writes, not a run dir or an adapter")
+    model, tokenizer = load_model(bundle)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else bundle / "onnx"
+    with io.atomic_dir(output_dir, overwrite=cfg.overwrite) as tmp:
+        result = export_onnx(model, tmp, example_batch(tokenizer), cfg.tolerance, cfg.opset)
+    inside_bundle = output_dir.resolve().parent == bundle.resolve()
+    if inside_bundle and (bundle / REPORT).is_file():
+        report = json.loads((bundle / REPORT).read_text())
+        io.write_json(bundle / REPORT, report | {"onnx": result})
+    if inside_bundle and (bundle / CHECKSUMS).is_file():
+        write_checksums(bundle)
+    console.print(f"{output_dir / result['file']}: onnxruntime matches PyTorch to max |logit diff| "
+                  f"{result['max_abs_logit_diff']:.2e} (tolerance {cfg.tolerance:g}) on shapes {result['checked_shapes']}")
+    return result
+
+
+@hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="export", version_base="1.3")
+def main(raw) -> None:
+    """Hydra entry point: `convobot-export-onnx model=<bundle> [output_dir=...] [overwrite=true]`."""
+    run_command("convobot-export-onnx", export, raw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end on a 2-layer model and report what they claim (structure, not speed)."""
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import scaling  # noqa: E402
+import train_throughput as bench  # noqa: E402
+
+
+@pytest.mark.parametrize("interleave, expected", [(True, "abab"), (False, "aabb")])
+def test_turns_run_one_configuration_at_a_time(interleave, expected):
+    turns, order = bench.Turns(["a", "b"], interleave), []
+
+    def work(name):
+        for window in range(2):
+            turns.wait(name)
+            order.append(name)
+            if window == 0:
+                turns.hand_over(name)
+        turns.hand_over(name, finished=True)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert "".join(order) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the GPU variant would run")
+def test_gpu_variant_skips_with_a_message_on_cpu(capsys, tmp_path):
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path / "gpu")]) is None
+    assert "skipped" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_reports_every_configuration(shared_data, tmp_path):
+    stem = tmp_path / "throughput"
+    summary = bench.main(["--smoke", "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(stem)])
+    rows = {row["name"]: row for row in summary["configs"]}
+    assert list(rows) == ["reference", "lora", "full"]
+    reference = rows["reference"]
+    for row in rows.values():
+        assert len(row["tokens_per_second_windows"]) == 2 and row["tokens_per_second"] > 0
+        assert row["tokens_per_step"] > 0 and row["peak_memory_mib"] > 0
+    for name in ("lora", "full"):
+        assert rows[name]["ratio_to_reference"] == pytest.approx(
+            rows[name]["tokens_per_second"] / reference["tokens_per_second"])
+        assert len(rows[name]["ratio_per_round"]) == 2
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == reference["trainable_params"]
+    assert "packed" in rows["lora"]["description"] and "padded rows" in reference["description"]
+    assert "| reference |" in stem.with_suffix(".md").read_text() and stem.with_suffix(".json").is_file()
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_writes_a_figure(shared_data, tmp_path):
+    stem = tmp_path / "scaling"
+    summary = scaling.main(["--smoke", "--lengths", "64,128", "--batches", "1,2", "--out", str(stem)])
+    assert [(p["seq_length"], p["batch_size"]) for p in summary["points"]] == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    assert all(p["tokens_per_second"] > 0 and p["peak_memory_mib"] > 0 for p in summary["points"])
+    assert stem.with_suffix(".png").stat().st_size > 10_000
+    assert not list(tmp_path.glob(".*.tmp*"))

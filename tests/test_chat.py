@@ -1,0 +1,92 @@
+"""Streaming chat on a merged bundle and on a run dir with an adapter."""
+
+import copy
+import io as text_io
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_merge import compose_command, smoke_release  # noqa: F401  (shared module-scoped smoke run)
+
+from convobot.chat import ChatConfig, chat, repl
+from convobot.generate import GenerationOptions, answer, stream_answer
+from convobot.merge import ModelPathError, load_model, run_command
+from convobot.template import format_prompt
+
+GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
+ROW = {"instruction": "Reverse the order of the words.", "input": "apple bird cat"}
+
+
+def one_shot(model_path, options=GREEDY) -> tuple[str, str]:
+    out = text_io.StringIO()
+    text = chat(ChatConfig(model=str(model_path), prompt=ROW["instruction"], input=ROW["input"], generation=options),
+                out=out)
+    return text, out.getvalue()
+
+
+def test_chat_config_composes_with_the_cli_defaults():
+    cfg = compose_command("chat", "model=m", "prompt=Give three tips for staying healthy.")
+    assert cfg.prompt == "Give three tips for staying healthy." and cfg.generation.max_new_tokens == 128
+
+
+def test_one_shot_streams_the_greedy_answer(smoke_release):
+    text, printed = one_shot(smoke_release.release)
+    assert text.strip() and printed == text + "\n"
+    model, tokenizer = load_model(smoke_release.release)
+    assert text == answer(model, tokenizer, [ROW], max_new_tokens=12)[0]  # streaming changes nothing
+
+
+def test_a_run_dir_with_its_adapter_answers_like_the_bundle(smoke_release):
+    assert one_shot(smoke_release.run_dir)[0] == one_shot(smoke_release.release)[0]
+    assert one_shot(smoke_release.run_dir / "adapter")[0] == one_shot(smoke_release.release)[0]
+
+
+def test_sampling_options_reach_generate(smoke_release):
+    sampled = [one_shot(smoke_release.release, GenerationOptions(max_new_tokens=12, temperature=1.5, top_p=1.0))[0]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded
+    assert sampled[0] != one_shot(smoke_release.release)[0]  # but not greedy
+
+
+def test_generation_stops_at_eos(smoke_release):
+    """A model made to say EOS first stops after that one token, though 50 were allowed."""
+    model, tokenizer = load_model(smoke_release.release)
+    eager, eos = copy.deepcopy(model), tokenizer.eos_token_id
+    with torch.no_grad():
+        # Every final hidden state becomes EOS's (output-tied) embedding, made the longest row, so
+        # EOS wins every argmax (Cauchy-Schwarz).
+        eager.transformer.wte.weight[eos] *= 100
+        eager.transformer.ln_f.weight.zero_()
+        eager.transformer.ln_f.bias.copy_(eager.transformer.wte.weight[eos])
+    outputs = []
+    generate = eager.generate
+    eager.generate = lambda **kwargs: outputs.append(generate(**kwargs))
+    text = "".join(stream_answer(eager, tokenizer, ROW["instruction"], ROW["input"],
+                                 GenerationOptions(max_new_tokens=50, temperature=0.0)))
+    prompt = tokenizer(format_prompt(ROW["instruction"], ROW["input"]), add_special_tokens=False)["input_ids"]
+    (output,) = outputs
+    assert text == "" and output[0].tolist() == prompt + [eos]
+
+
+def test_repl_answers_until_exit(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    lines = iter([f"{ROW['instruction']} || {ROW['input']}", "What is 2 plus 3?", "exit", "never read"])
+    out = text_io.StringIO()
+    assert repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out) == 2
+    assert out.getvalue().count("bot> ") == 2
+    assert next(lines) == "never read"
+
+
+def test_a_prompt_longer_than_the_context_is_refused(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    with pytest.raises(ValueError, match="the model's context is 256"):
+        list(stream_answer(model, tokenizer, "word " * 300))
+
+
+def test_bad_paths_give_clear_errors(smoke_release, tmp_path):
+    with pytest.raises(ModelPathError, match="does not exist"):
+        chat(ChatConfig(model=str(tmp_path / "missing"), prompt="hi"))
+    with pytest.raises(ModelPathError, match="is not a model"):
+        chat(ChatConfig(model=str(tmp_path), prompt="hi"))
+    with pytest.raises(SystemExit, match="convobot-chat: ModelPathError: .* is not a model"):
+        run_command("convobot-chat", chat, OmegaConf.structured(ChatConfig(model=str(tmp_path), prompt="hi")))

@@ -1,0 +1,241 @@
+"""Merging a smoke run into a release bundle, and each merge check failing when it should.
+
+`smoke_release` (a LoRA smoke run and its merged bundle) and `compose_command` are shared with
+test_evaluate, test_export and test_chat, which import them from here.
+"""
+
+import functools
+import io as text_io
+import re
+import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+from convobot import io
+from convobot.config import compose, to_container, validate
+from convobot.merge import (CHECKSUMS, COMMANDS_CONF_DIR, REPORT, MergeConfig, MergeVerificationError,
+                            ModelPathError, check_fp32, checksum_mismatches, load_model, merge, open_run,
+                            push_to_hub, run_command)
+from convobot.train import run
+
+SMOKE = ["experiment=smoke", "report.before=false", "report.exact_match_rows=0", "report.samples=0",
+         "train.max_steps=2", "data.num_rows=160", "data.eval_size=16"]
+BUNDLE_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "README.md", REPORT, CHECKSUMS}
+
+
+def train_smoke(run_dir: Path, *overrides: str) -> Path:
+    """A few training steps into `run_dir`, with the config.yaml convobot-train's main() writes."""
+    cfg = validate(compose(SMOKE + list(overrides)))
+    io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    run(cfg, run_dir)
+    return run_dir
+
+
+def quiet_merge(**options) -> dict:
+    return merge(MergeConfig(**options), console=Console(file=text_io.StringIO()))
+
+
+@functools.cache
+def _smoke_release(root: Path) -> SimpleNamespace:
+    run_dir = train_smoke(root / "smoke_lora")
+    release = root / "release" / "bundle"
+    report = quiet_merge(run_dir=str(run_dir), output_dir=str(release))
+    return SimpleNamespace(run_dir=run_dir, release=release, report=report)
+
+
+@pytest.fixture(scope="module")
+def smoke_release(tmp_path_factory):
+    """A LoRA smoke run and its verified bundle, made once per session (2-10 s, as busy as the CPU
+    is) and shared by every module that imports this fixture: tests only read it (copy to change)."""
+    return _smoke_release(tmp_path_factory.getbasetemp())
+
+
+def compose_command(name: str, *overrides: str):
+    """A command config from conf/commands/, composed as its CLI would (against its schema)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(COMMANDS_CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose(config_name=name, overrides=list(overrides)))
+
+
+def test_merge_config_composes_with_the_cli_defaults():
+    cfg = compose_command("merge", "run_dir=r", "output_dir=o", "generation.temperature=0")
+    assert isinstance(cfg, MergeConfig) and cfg.run_dir == "r" and not cfg.overwrite and cfg.tolerance == 1e-4
+    assert cfg.generation.temperature == 0 and cfg.push_to_hub is None
+
+
+def test_bundle_is_complete_and_its_checksums_match(smoke_release, tmp_path):
+    release = smoke_release.release
+    files = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
+    assert files == BUNDLE_FILES
+    assert not list(release.parent.glob(".*.tmp"))  # the temp dir was renamed, nothing left behind
+    assert checksum_mismatches(release) == []
+    tampered = shutil.copytree(release, tmp_path / "copy")
+    (tampered / "config.json").write_text((tampered / "config.json").read_text() + " ")
+    assert checksum_mismatches(tampered) == ["config.json: checksum differs"]
+
+
+def test_report_records_every_check(smoke_release):
+    check = smoke_release.report["verification"]
+    assert check["adapter_vs_merged_max_abs_logit_diff"] <= 1e-4
+    assert check["reloaded_vs_merged_max_abs_logit_diff"] <= 1e-4
+    assert check["base_vs_merged_max_abs_logit_diff"] > 1e-3  # the adapter really changes the model
+    # LoRA on c_attn, c_proj, c_fc matches 4 Conv1D weights per block; the tiny model has 2 blocks.
+    assert check["weights_changed"]["tensors_changed"] == 8
+    ppl = smoke_release.report["perplexity"]
+    assert ppl["base"]["full"]["tokens"] == ppl["merged"]["full"]["tokens"] > ppl["merged"]["response"]["tokens"] > 0
+    assert ppl["merged"]["response"]["perplexity"] != ppl["base"]["response"]["perplexity"]
+
+
+def test_generation_config_pads_with_eos(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    generation = model.generation_config
+    assert generation.pad_token_id == generation.eos_token_id == tokenizer.eos_token_id
+    assert generation.max_new_tokens == 128
+
+
+def test_reloaded_bundle_gives_the_adapter_models_logits(smoke_release):
+    """Independent of merge's own checks: peft adapter on the saved base vs the bundle, reloaded."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(smoke_release.run_dir / "base_model", use_safetensors=True)
+    adapter = PeftModel.from_pretrained(base, smoke_release.run_dir / "adapter").eval()
+    bundle = AutoModelForCausalLM.from_pretrained(smoke_release.release, use_safetensors=True).eval()
+    ids = torch.randint(1, 500, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (adapter(input_ids=ids).logits - bundle(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_model_card_describes_the_release_and_its_snippet_runs(smoke_release):
+    card = (smoke_release.release / "README.md").read_text()
+    for fact in ("license: apache-2.0", "tiny-gpt2", "bundled", "### Response:", '"lora_r": 8',
+                 "32,768", "| merged |", "convobot-chat model="):
+        assert fact in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f"model_id = {str(smoke_release.release)!r}" in snippet
+    with redirect_stdout(text_io.StringIO()):
+        exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - runs the card's own usage example
+
+
+def test_a_zeroed_adapter_is_refused(smoke_release, tmp_path):
+    run_dir = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    save_file({name: torch.zeros_like(t) for name, t in load_file(weights).items()}, weights)
+    with pytest.raises(MergeVerificationError, match="changed nothing"):
+        quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tampered_merge_is_caught_by_logit_parity(smoke_release, tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTuner  # where LoRA's merge_and_unload lives
+
+    honest_merge = BaseTuner.merge_and_unload
+
+    def tampered_merge(self, *args, **kwargs):
+        merged = honest_merge(self, *args, **kwargs)
+        merged.transformer.h[0].mlp.c_fc.weight.data[0, 0] += 0.5
+        return merged
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", tampered_merge)
+    with pytest.raises(MergeVerificationError, match=r"\(a\) adapter model vs merged model.*> tolerance"):
+        quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupted_save_is_caught_by_reload_parity(smoke_release, tmp_path, monkeypatch):
+    honest_save = GPT2LMHeadModel.save_pretrained
+
+    def corrupting_save(self, folder, *args, **kwargs):
+        honest_save(self, folder, *args, **kwargs)
+        weights = load_file(Path(folder) / "model.safetensors")
+        weights["transformer.h.1.attn.c_attn.weight"][0, :] += 0.5
+        save_file(weights, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", corrupting_save)
+    with pytest.raises(MergeVerificationError, match=r"\(c\) merged model vs the saved model.safetensors"):
+        quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp folder
+
+
+def test_overwrite_only_when_asked(smoke_release, tmp_path):
+    earlier = shutil.copytree(smoke_release.release, tmp_path / "bundle")
+    (earlier / "stale.txt").write_text("from an earlier release")
+    options = {"run_dir": str(smoke_release.run_dir), "output_dir": str(earlier), "perplexity": False}
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        quiet_merge(**options)
+    assert (earlier / "stale.txt").is_file()
+    quiet_merge(**options, overwrite=True)
+    assert {p.name for p in earlier.iterdir()} == BUNDLE_FILES and checksum_mismatches(earlier) == []
+
+
+def test_a_full_fine_tune_gives_the_same_bundle(tmp_path):
+    run_dir = train_smoke(tmp_path / "full", "peft=full")
+    report = quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "release"), perplexity=False)
+    files = {p.name for p in (tmp_path / "release").iterdir()}
+    assert files == BUNDLE_FILES and report["method"] == "full"
+    assert report["verification"]["adapter_vs_merged_max_abs_logit_diff"] == 0.0  # already merged
+    assert report["verification"]["weights_changed"]["tensors_changed"] > 8  # every weight trains
+    assert "full-fine-tune" in (tmp_path / "release" / "README.md").read_text()
+
+
+def test_only_an_fp32_base_is_merged_into(smoke_release):
+    model, _ = load_model(smoke_release.release)
+    check_fp32(model)
+    with pytest.raises(MergeVerificationError, match="non-fp32"):
+        check_fp32(model.half())
+
+
+def test_push_to_hub_uploads_the_folder(monkeypatch, tmp_path):
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs["folder_path"]))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    push_to_hub(tmp_path, "someone/convobot-tiny")
+    assert calls == [("create_repo", "someone/convobot-tiny", {"private": True, "exist_ok": True}),
+                     ("upload_folder", "someone/convobot-tiny", str(tmp_path))]
+
+
+def test_bad_paths_give_clear_errors(smoke_release, tmp_path):
+    with pytest.raises(ModelPathError, match="does not exist"):
+        open_run(tmp_path / "missing")
+    with pytest.raises(ModelPathError, match="config.yaml is missing"):
+        open_run(tmp_path)
+    with pytest.raises(ModelPathError, match="is not a model"):
+        load_model(tmp_path)
+    no_adapter = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("adapter"))
+    with pytest.raises(ModelPathError, match="adapter is missing"):
+        open_run(no_adapter)
+    raw = OmegaConf.structured(MergeConfig(run_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(SystemExit, match="convobot-merge: ModelPathError: run dir .*missing does not exist"):
+        run_command("convobot-merge", merge, raw)
+    with pytest.raises(SystemExit, match="output_dir=... is required"):
+        run_command("convobot-merge", merge, OmegaConf.structured(MergeConfig(run_dir="r")))
+
+
+def test_a_hub_style_base_loads_by_name(smoke_release, tmp_path):
+    """source=hub takes the base by name and revision (a hub id, or here a local folder, offline)."""
+    run_dir = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    base = shutil.move(run_dir / "base_model", tmp_path / "elsewhere")
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.model.source, config.model.name = "hub", str(base)
+    OmegaConf.save(config, run_dir / "config.yaml")
+    report = quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
+    assert report["base_model"] == str(base)
+    assert report["verification"]["weights_changed"]["tensors_changed"] == 8
+    assert "license: other" in (tmp_path / "out" / "README.md").read_text()  # unknown base: no licence guessed
