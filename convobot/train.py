@@ -160,6 +160,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         trainer.add_callback(distributed.SampleLog(run_dir / "samples"))
     is_main = trainer.is_world_process_zero()
     if is_main:
+        io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
         io.write_jsonl(run_dir / "heldout.jsonl", dataset.eval_rows)
         if cfg.model.source.value == "tiny":
             # A random-init base cannot be re-downloaded: keep it so the adapter can be merged later.
@@ -234,8 +235,6 @@ def main(raw: DictConfig) -> float:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
     run_dir = distributed.shared_run_dir(run_dir, resolve_device(cfg).type == "cpu", cfg.train.ddp_backend)
-    if distributed.rank() == 0:
-        io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
     results = run(cfg, run_dir)
     return results.get("eval_loss", float("nan"))
 

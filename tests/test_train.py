@@ -32,6 +32,7 @@ def test_smoke_run_writes_a_complete_run_dir(smoke_runs, method):
     assert (artefact / weights).is_file() and (artefact / "tokenizer.json").is_file()
     assert not list(run_dir.glob(".*.tmp"))  # atomic writes left nothing behind
     assert (run_dir / "heldout.jsonl").read_text().count("\n") == 40
+    assert (run_dir / "config.yaml").is_file()  # a complete run dir without the CLI too
     assert list((run_dir / "checkpoints").glob("checkpoint-*"))
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert METRIC_KEYS <= on_disk.keys() and on_disk["method"] == method
