@@ -109,7 +109,8 @@ def render(summary: dict) -> str:
     info = summary["machine"]
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
     lines = [f"# Scaling: convobot default path on GPT-2 small ({summary['device']})", "",
-             f"- date: {summary['date']}; machine: {where}; wall time {summary['wall_seconds']:.0f} s",
+             f"- date: {summary['date']}; machine: {where}, {info['torch_threads']} torch thread(s); "
+             f"wall time {summary['wall_seconds']:.0f} s",
              f"- {summary['settings']['warmup']} warm-up steps excluded, then {summary['settings']['repeats']} "
              f"window(s) of {summary['settings']['steps']} steps per point; figure: {summary['figure']}"]
     if summary["note"]:
@@ -129,7 +130,7 @@ def main(argv=None) -> dict | None:
     if reason:
         print(reason)
         return None
-    bench.quiet_libraries()
+    bench.prepare_process(args)
     started = datetime.now()
     with tempfile.TemporaryDirectory(prefix="convobot-scaling-") as tmp:
         setup = bench.prepare(args, Path(tmp))

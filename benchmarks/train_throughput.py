@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -102,6 +103,18 @@ def _now_and_peak(device: str) -> tuple[int, int]:
     return _proc_status_kib("VmRSS") * 1024, _proc_status_kib("VmHWM") * 1024
 
 
+def release_freed_memory(device: str) -> None:
+    """Give what a configuration freed back to the system, so that the next one's growth is its own: glibc keeps
+    freed heap pages resident (and hands them to the next allocation) unless trimmed."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class MemoryMeter:
     """Peak memory of one configuration. It only allocates during its own turns and the others are paused
     then, so whatever the process grows by between start() and stop() is its own."""
@@ -121,7 +134,9 @@ class MemoryMeter:
 
     def stop(self) -> None:
         if self.supported:
-            now, peak = _now_and_peak(self.device)
+            peak = _now_and_peak(self.device)[1]
+            release_freed_memory(self.device)  # what it freed must not count as resident, nor be reused unseen
+            now = _now_and_peak(self.device)[0]
             self.peak = max(self.peak, self.resident + peak - self.base)
             self.resident += now - self.base
 
@@ -205,8 +220,8 @@ class Runner:
         trainer = None
         try:
             self._begin_turn(0)
-            forget_bnb_overrides()
             trainer, self.result.description = self.build()
+            trainer.remove_callback(PrinterCallback)  # its per-run log dict would interleave with the report
             trainer.add_callback(WindowClock(self, self.args.warmup, self.args.steps, self.args.repeats))
             self.result.trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             self.result.total_params = sum(p.numel() for p in trainer.model.parameters())
@@ -218,29 +233,6 @@ class Runner:
             del trainer
             release_freed_memory(self.device)
             self.turns.hand_over(self.name, finished=True)
-
-
-def release_freed_memory(device: str) -> None:
-    """Give what a finished configuration freed back to the system, so that the next one's growth is its own:
-    glibc keeps freed heap pages resident (and reuses them) unless trimmed."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def forget_bnb_overrides() -> None:
-    """bitsandbytes keeps per-(group, index) optimizer overrides in a process-wide singleton: the Trainer registers
-    "32-bit state for embeddings" there, and the next 8-bit optimizer built in this process (convobot's probe
-    included) would inherit them by position. Each configuration starts from a clean manager."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    bnb.optim.GlobalOptimManager.get_instance().initialize()
 
 
 class WindowClock(TrainerCallback):
@@ -506,6 +498,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model instead of GPT-2 small (tests)")
     parser.add_argument("--note", default="", help="free text for the results file (e.g. other load)")
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: benchmarks/results/...)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core). On a CPU other jobs share, 1 "
+                             "avoids each op waiting for a descheduled second thread, which swamps short sequences")
 
 
 def check_counts(parser: argparse.ArgumentParser, args) -> None:
@@ -513,11 +508,13 @@ def check_counts(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--warmup, --steps and --repeats must be >= 1 (the first turn builds the model)")
 
 
-def quiet_libraries() -> None:
-    """Progress bars and per-step info logs would interleave with the report."""
+def prepare_process(args) -> None:
+    """Threads, and no progress bars or per-step info logs interleaving with the report."""
     import datasets
     from transformers.utils import logging as hf_logging
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     datasets.disable_progress_bars()
     hf_logging.set_verbosity_error()
@@ -529,7 +526,7 @@ def main(argv=None) -> dict | None:
     if reason:
         print(reason)
         return None
-    quiet_libraries()
+    prepare_process(args)
     started = datetime.now()
     with tempfile.TemporaryDirectory(prefix="convobot-bench-") as tmp:
         setup = prepare(args, Path(tmp))
