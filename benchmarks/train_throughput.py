@@ -1,19 +1,24 @@
 """Trained tokens per second of GPT-2 small: the reference setup against convobot's fast path, side by side.
 
 Examples:
-    python benchmarks/train_throughput.py                        # CPU, ~8 min on 2 cores (make bench)
+    python benchmarks/train_throughput.py                        # CPU, ~5 min on 2 cores (make bench)
     python benchmarks/train_throughput.py --steps 2 --repeats 2  # quicker, noisier
     python benchmarks/train_throughput.py --device cuda          # GPU variant: fp16, 8-bit AdamW, rtx3050_4gb
-    python benchmarks/train_throughput.py --configs reference,lora,lora_unpacked,lora_no_dropout --no-save
+    python benchmarks/train_throughput.py --configs reference,lora,lora_chunked_head,lora_dropout --no-save
 
 Everything runs in ONE process on the same rows (../shared/data/alpaca_gpt4 through convobot.data, the real
 GPT-2 tokenizer from ../shared/data/gpt2-tokenizer) and the real GPT-2 small architecture (GPT2Config() sizes,
 124M parameters, random init, so nothing is downloaded):
-  reference   the reference run: transformers' Trainer, full fine-tune, batch 2, rows tokenized by a plain
-              tokenizer and padded by DataCollatorForLanguageModeling, 8-bit AdamW (fp16 mixed precision on CUDA)
-  lora, full  convobot.train's own model setup, build_sft_config and SFTTrainer with the hardware profile
-              (cpu, or rtx3050_4gb on CUDA) and the fast path: packed rows (train.packing=true), SDPA, TRL's
-              chunked loss head; batch 2 packed sequences per optimizer step
+  reference   the reference run: transformers' Trainer with its defaults, full fine-tune, batch 2, rows tokenized
+              by a plain tokenizer and padded by DataCollatorForLanguageModeling, GPT-2's dropout, the loss on
+              the whole text, AdamW (fused) (fp16 mixed precision on CUDA)
+  lora, full  convobot.train.build_trainer with the default config for the hardware profile (cpu, or
+              rtx3050_4gb on CUDA) plus packed rows (train.packing=true): no dropout, SDPA, response-only loss,
+              the cpu profile's plain loss head on labelled tokens (rtx3050_4gb: TRL's chunked head),
+              optim=auto (CPU: fused AdamW; CUDA: 8-bit AdamW), row-by-row attention over the packed rows;
+              batch 2 packed sequences per optimizer step
+The cpu profile's glibc setting (hardware.tune_malloc, convobot/cpu_memory.py) is process-wide, so on CPU it is set
+once for the whole process: the reference gets it too (~9% faster for it alone), and the ratios do not count it.
   others      variants (--configs) that isolate one change each; see CONVOBOT_CONFIGS
 Trained tokens are the Trainer's num_input_tokens_seen: non-padding tokens, never padded width (EOS counted on
 both paths; tests/test_packing.py checks the count). Per configuration, --warmup steps are excluded, then
@@ -74,8 +79,13 @@ CONVOBOT_CONFIGS = {
     "full_grouped": ["peft=full", "train.packing=false", "train.group_by_length=true"],
     "lora_compile": ["peft=lora", "hardware.torch_compile=true"],
     "full_compile": ["peft=full", "hardware.torch_compile=true"],
-    "lora_no_dropout": ["peft=lora", "peft.dropout=0"],
-    "full_fused_adamw": ["peft=full", "optim.name=adamw_torch_fused"],
+    "lora_chunked_head": ["peft=lora", "hardware.loss_head=chunked"],
+    "full_chunked_head": ["peft=full", "hardware.loss_head=chunked"],
+    "lora_dropout": ["peft=lora", "model.dropout=0.1", "peft.dropout=0.05"],
+    "full_dropout": ["peft=full", "model.dropout=0.1"],
+    "lora_whole_text_loss": ["peft=lora", "data.completion_only=false"],
+    "full_whole_text_loss": ["peft=full", "data.completion_only=false"],
+    "full_8bit": ["peft=full", "optim=adamw_8bit"],
 }
 DEFAULT_CONFIGS = f"{REFERENCE},lora,full"
 HARDWARE = {"cpu": "cpu", "cuda": "rtx3050_4gb"}
@@ -272,14 +282,14 @@ def compose_config(setup: Setup, overrides: list[str]):
 
 
 def build_reference(setup: Setup):
-    """transformers' Trainer on plainly tokenized rows, padded to the longest row of each batch."""
+    """transformers' Trainer on plainly tokenized rows, padded to the longest row of each batch, with its
+    defaults: GPT-2's dropout, the loss on the whole text, AdamW (fused), SDPA."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from convobot import modeling
-    from convobot.optim import resolve_optimizer
 
-    cfg = compose_config(setup, ["peft=full"])
+    cfg = compose_config(setup, ["peft=full", "model.dropout=null"])
     tokenizer, args = setup.tokenizer, setup.args
     texts = [p + c for p, c in zip(setup.dataset.train["prompt"], setup.dataset.train["completion"])]
     rows = Dataset.from_dict({"text": texts}).map(
@@ -289,42 +299,34 @@ def build_reference(setup: Setup):
     training_args = TrainingArguments(
         output_dir=str(setup.workdir / REFERENCE), per_device_train_batch_size=args.batch_size,
         max_steps=cfg.train.max_steps, learning_rate=5e-5, fp16=fp16, use_cpu=setup.device.type == "cpu",
-        optim=resolve_optimizer("adamw_bnb_8bit", setup.device).name, include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",
         save_strategy="no", logging_steps=cfg.train.logging_steps, report_to="none", disable_tqdm=True,
         dataloader_pin_memory=fp16, seed=cfg.seed)
     model = modeling.load_base_model(cfg.model, tokenizer)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    return trainer, (f"HF Trainer, full fine-tune, batch {args.batch_size} padded rows, "
-                     f"{training_args.optim.value}, {'fp16' if fp16 else 'fp32'}")
+    return trainer, (f"HF Trainer, full fine-tune, batch {args.batch_size} padded rows, GPT-2 dropout "
+                     f"{model.config.attn_pdrop}, whole-text loss, {training_args.optim.value}, "
+                     f"{'fp16' if fp16 else 'fp32'}")
 
 
 def build_convobot(setup: Setup, name: str):
-    """convobot.train's model, SFTConfig and SFTTrainer for the composed config."""
-    from trl import SFTTrainer
-
-    from convobot import modeling, plan
-    from convobot.config import Precision
-    from convobot.optim import resolve_optimizer
-    from convobot.train import build_sft_config, resolve_precision
+    """convobot.train.build_trainer (model, dropout, LoRA, optimizer, SFTTrainer, loss head) for the config."""
+    from convobot.train import build_trainer, resolve_precision
 
     cfg = compose_config(setup, FAST_PATH + CONVOBOT_CONFIGS[name])
     precision = resolve_precision(cfg, setup.device)
-    base = modeling.load_base_model(cfg.model, setup.tokenizer, plan.base_dtype(precision, cfg.peft.method))
-    model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
-    if precision == Precision.fp16:
-        modeling.upcast_trainable_to_fp32(model)
-    optimizer = resolve_optimizer(cfg.optim.name, setup.device)
-    sft_args = build_sft_config(cfg, setup.workdir / name, setup.device, precision, optimizer.name)
-    sft_args.disable_tqdm = True
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=setup.dataset.train,
-                         processing_class=setup.tokenizer)
+    trainer, optimizer = build_trainer(cfg, setup.workdir / name, setup.device, precision, setup.tokenizer,
+                                       setup.dataset)
+    trainer.args.disable_tqdm = True
     loop, hw = cfg.train, cfg.hardware
     shape = (f"{hw.batch_size} x 1 packed sequence of <= {cfg.data.max_length} tokens" if loop.packing
              else f"batch {hw.batch_size} padded rows" + (" grouped by length" if loop.group_by_length else ""))
-    method = f"lora r={cfg.peft.r} dropout={cfg.peft.dropout}" if cfg.peft.method.value == "lora" else "full"
-    return trainer, (f"convobot {method}, {shape}, {optimizer.name}, {precision.value}, "
-                     f"checkpointing={hw.gradient_checkpointing}, compile={hw.torch_compile}")
+    method = f"lora r={cfg.peft.r} lora_dropout={cfg.peft.dropout}" if cfg.peft.method.value == "lora" else "full"
+    loss = "response-only loss" if cfg.data.completion_only else "whole-text loss"
+    return trainer, (f"convobot {method}, {shape}, model dropout {cfg.model.dropout}, {loss} ({hw.loss_head.value} "
+                     f"head), {optimizer.name}, {precision.value}, checkpointing={hw.gradient_checkpointing}, "
+                     f"compile={hw.torch_compile}")
 
 
 def prepare(args, workdir: Path) -> Setup:
@@ -455,8 +457,9 @@ def parse_args(argv=None):
                              "reference run's)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded (default: cpu 2, cuda 5)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed window (default: cpu 3, cuda 20)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed windows per configuration")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed window (default: cpu 6, cuda 20)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows per configuration (the reference's "
+                        "speed depends on its rows' lengths: 60 rows by default on CPU)")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                         help="take turns window by window (default: on for cpu; off for cuda, where every "
                              "configuration is freed before the next one so a 4 GB card holds one at a time)")
@@ -465,7 +468,7 @@ def parse_args(argv=None):
     cuda = args.device == "cuda"
     args.max_length = (1024 if cuda else 512) if args.max_length is None else args.max_length
     args.warmup = (5 if cuda else 2) if args.warmup is None else args.warmup
-    args.steps = (20 if cuda else 3) if args.steps is None else args.steps
+    args.steps = (20 if cuda else 6) if args.steps is None else args.steps
     args.interleave = (not cuda) if args.interleave is None else args.interleave
     check_counts(parser, args)
     unknown = [n for n in args.configs.split(",") if n != REFERENCE and n not in CONVOBOT_CONFIGS]
@@ -509,10 +512,15 @@ def check_counts(parser: argparse.ArgumentParser, args) -> None:
 
 
 def prepare_process(args) -> None:
-    """Threads, and no progress bars or per-step info logs interleaving with the report."""
+    """Threads, glibc's thresholds as convobot's cpu profile sets them, and no progress bars or per-step info
+    logs interleaving with the report."""
     import datasets
     from transformers.utils import logging as hf_logging
 
+    from convobot import cpu_memory
+
+    if args.device == "cpu":
+        cpu_memory.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

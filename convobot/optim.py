@@ -2,6 +2,10 @@
 
 bitsandbytes >= 0.45 has a CPU backend, so its 8-bit optimizers may run without a GPU; rather
 than assume, `resolve_optimizer` probes one real step and falls back loudly if it fails.
+
+`optim.name=auto` (the default) picks by device. On CUDA: 8-bit AdamW, whose uint8 states take a quarter
+of the VRAM. On CPU: torch's fused AdamW. There memory is RAM, and bitsandbytes' CPU backend takes 1.6 s
+per step over GPT-2 small's 124M parameters where fused AdamW takes 0.08 s (benchmarks/results).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ log = logging.getLogger(__name__)
 
 BNB_OPTIMIZERS = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit"}
 FALLBACK = "adamw_torch"
+AUTO = {"cuda": "adamw_bnb_8bit", "cpu": "adamw_torch_fused"}
 
 
 @dataclass
@@ -57,13 +62,19 @@ def bnb_8bit_runs_on(device: torch.device) -> str | None:
     return None
 
 
+def optimizer_name(requested: str, device_type: str) -> str:
+    """The transformers `optim` name a config asks for on a device ("auto" resolved)."""
+    return AUTO.get(device_type, AUTO["cpu"]) if requested == "auto" else requested
+
+
 def resolve_optimizer(requested: str, device: torch.device) -> OptimizerChoice:
-    if requested not in BNB_OPTIMIZERS:
-        return OptimizerChoice(requested, requested)
+    name = optimizer_name(requested, device.type)
+    if name not in BNB_OPTIMIZERS:
+        return OptimizerChoice(requested, name)
     problem = bnb_8bit_runs_on(device)
     if problem is None:
-        return OptimizerChoice(requested, requested)
-    message = f"optimizer '{requested}' unavailable ({problem}); FALLING BACK to '{FALLBACK}' (32-bit states)"
+        return OptimizerChoice(requested, name)
+    message = f"optimizer '{name}' unavailable ({problem}); FALLING BACK to '{FALLBACK}' (32-bit states)"
     warnings.warn(message, RuntimeWarning, stacklevel=2)
     log.warning(message)
     return OptimizerChoice(requested, FALLBACK, fallback_reason=problem)

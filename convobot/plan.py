@@ -40,7 +40,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from convobot.config import CONF_DIR, Device, ModelSource, PeftMethod, Precision, TrainConfig, validate
+from convobot.config import CONF_DIR, Device, LossHead, ModelSource, PeftMethod, Precision, TrainConfig, validate
+from convobot.optim import optimizer_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 # Peak fp32 tile-sized temporaries of its plain-torch path (no Triton: CPU, or CUDA without triton),
 # measured with torch.profiler on CPU in the backward of trl.kernels.chunked_logprob (tests/test_plan.py).
 TRL_TORCH_TILE_TEMPS = 7.25
+# Peak fp32 (labelled tokens x vocab) tensors of convobot.loss_head's plain head in forward + backward, measured
+# the same way (tests/test_plan.py).
+PLAIN_HEAD_TEMPS = 4
 # Canonical GPT-2 sizes: their hub config.json files equal these GPT2Config arguments, so no download.
 GPT2_SIZES = {
     "gpt2": {},
@@ -141,7 +145,6 @@ class Architecture:
     attn_dropout: float
     resid_dropout: float
     embd_dropout: float
-    python_gelu: bool  # transformers' gelu_new is written in Python: its intermediates are saved too
 
     @classmethod
     def from_config(cls, config) -> Architecture:
@@ -157,7 +160,6 @@ class Architecture:
             attn_dropout=getattr(config, "attn_pdrop", 0.0),
             resid_dropout=getattr(config, "resid_pdrop", 0.0),
             embd_dropout=getattr(config, "embd_pdrop", 0.0),
-            python_gelu=getattr(config, "activation_function", "") == "gelu_new",
         )
 
 
@@ -297,8 +299,8 @@ def block_activation_bytes(arch: Architecture, cfg: TrainConfig, batch: int, seq
         total += attention
     if arch.resid_dropout:
         total += 2 * hidden * mask
-    # gelu_new saves its input (fp32 under autocast: pow runs in fp32), tanh, 0.5*x and 1+tanh.
-    total += inner * ((14 if autocast else 16) if arch.python_gelu else act)
+    # GELU saves its input (training swaps GPT-2's Python gelu_new for torch's kernel: modeling.use_fused_gelu).
+    total += inner * act
     for matmul, target in BLOCK_MATMULS.items():
         if lora and target not in cfg.peft.target_modules:
             continue
@@ -309,9 +311,9 @@ def block_activation_bytes(arch: Architecture, cfg: TrainConfig, batch: int, seq
     return total
 
 
-def activation_bytes(arch: Architecture, cfg: TrainConfig, seq: int, device: str, autocast: bool) -> tuple[int, int]:
+def activation_bytes(arch: Architecture, cfg: TrainConfig, batch: int, seq: int, device: str,
+                     autocast: bool) -> tuple[int, int]:
     """(bytes saved for backward at the end of the forward, bytes of one block's working set)."""
-    batch = cfg.hardware.batch_size
     hidden = batch * seq * arch.hidden
     block = block_activation_bytes(arch, cfg, batch, seq, device, autocast)
     first = block_activation_bytes(arch, cfg, batch, seq, device, autocast, first=True)
@@ -323,9 +325,13 @@ def activation_bytes(arch: Architecture, cfg: TrainConfig, seq: int, device: str
     return first + (arch.layers - 1) * block + outside, block
 
 
-def loss_head_bytes(arch: Architecture, batch: int, seq: int, device: str, autocast: bool) -> int:
-    """Working memory of TRL's chunked log-prob head: its logits buffer (always TRL_VOCAB_TILE columns
-    wide), fp32 tile temporaries on its plain-torch path, and the fp32 gradient of its input."""
+def loss_head_bytes(arch: Architecture, batch: int, seq: int, device: str, autocast: bool,
+                    head: LossHead = LossHead.chunked) -> int:
+    """Working memory of the loss head, plus the fp32 gradient of its input. TRL's chunked head: its logits
+    buffer (always TRL_VOCAB_TILE columns wide) and fp32 tile temporaries on its plain-torch path. The plain
+    head (convobot/loss_head.py): fp32 logits for every labelled token (at most all of them) and their copies."""
+    if head == LossHead.plain:
+        return int(PLAIN_HEAD_TEMPS * batch * seq * arch.vocab * 4) + batch * seq * arch.hidden * 4
     rows, cols = min(batch * seq, TRL_TOKEN_TILE), min(arch.vocab, TRL_VOCAB_TILE)
     buffer = rows * TRL_VOCAB_TILE * (2 if autocast else 4)
     temps = 0 if triton_head(device) else int(TRL_TORCH_TILE_TEMPS * rows * cols * 4)
@@ -352,17 +358,23 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     autocast = precision != Precision.fp32
     model = meta_model(cfg, precision)
     arch = Architecture.from_config(model.config)
+    if cfg.model.dropout is not None:  # set on the modules at training time (modeling.set_dropout)
+        arch = dataclasses.replace(arch, attn_dropout=cfg.model.dropout, resid_dropout=cfg.model.dropout,
+                                   embd_dropout=cfg.model.dropout)
     seq = min(cfg.data.max_length, arch.positions)
-    batch, eval_batch = cfg.hardware.batch_size, cfg.hardware.eval_batch_size
+    # Packed, a step is batch_size accumulated micro-batches of one sequence (convobot.train.build_sft_config).
+    batch = 1 if cfg.train.packing else cfg.hardware.batch_size
+    eval_batch = cfg.hardware.eval_batch_size
+    optim_name = optimizer_name(cfg.optim.name, device)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     frozen_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params if not p.requires_grad})
 
     weights = tensor_bytes(params) + tensor_bytes(model.buffers())
     grads = 4 * sum(p.numel() for p in trainable)
-    states, states_detail, paged, step_copy = optimizer_state_bytes(model, cfg.optim.name, device)
-    saved, block = activation_bytes(arch, cfg, seq, device, autocast)
-    head = loss_head_bytes(arch, batch, seq, device, autocast)
+    states, states_detail, paged, step_copy = optimizer_state_bytes(model, optim_name, device)
+    saved, block = activation_bytes(arch, cfg, batch, seq, device, autocast)
+    head = loss_head_bytes(arch, batch, seq, device, autocast, cfg.hardware.loss_head)
     lm_head_grad = 4 * sum(p.numel() for p in model.get_output_embeddings().parameters() if p.requires_grad)
     logits_dtype = model.get_output_embeddings().weight.dtype
     eval_logits = eval_logits_bytes(arch, eval_batch, seq, logits_dtype)
@@ -378,17 +390,20 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
         "gradients": Part("gradients", grads, f"{sum(p.numel() for p in trainable):,} trainable values, fp32"),
         "optimizer states": Part("optimizer states", states, states_detail),
         "activations": Part("activations", saved,
-                            f"batch {batch} x {seq} tokens x {arch.layers} layers, {attention}, "
+                            f"{'packed, ' if cfg.train.packing else ''}batch {batch} x {seq} tokens x "
+                            f"{arch.layers} layers, {attention}, "
                             f"{precision.value}, checkpointing {checkpointing}"),
         "block working set": Part("block working set", block, "one block's activations during backward"
                                   + (" (recomputed)" if cfg.hardware.gradient_checkpointing else "")),
         "loss head": Part("loss head", head + lm_head_grad,
-                          f"TRL chunked log-prob, {min(batch * seq, TRL_TOKEN_TILE)}-token tiles"
-                          + (", Triton" if triton_head(device) else ", plain torch")
+                          (f"TRL chunked log-prob, {min(batch * seq, TRL_TOKEN_TILE)}-token tiles"
+                           + (", Triton" if triton_head(device) else ", plain torch")
+                           if cfg.hardware.loss_head == LossHead.chunked
+                           else f"plain: fp32 logits of up to {batch * seq} labelled tokens")
                           + (" + lm_head grad" if lm_head_grad else "")),
         "optimizer step temporaries": Part("optimizer step temporaries", 4 * sum(p.numel() for p in trainable)
                                            if step_copy else 0, "foreach AdamW: sqrt of all second moments at once"
-                                           if step_copy else f"{cfg.optim.name} steps tensor by tensor"),
+                                           if step_copy else f"{optim_name} steps tensor by tensor"),
         "eval logits": Part("eval logits", eval_logits + eval_block,
                             f"eval_batch_size {eval_batch} x {seq} x {arch.vocab} vocab, "
                             f"{str(logits_dtype).replace('torch.', '')} + fp32 copies"),
@@ -405,7 +420,7 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     if paged:
         notes.append(f"optimizer states ({states / GiB:.2f} GiB) are paged: CUDA unified memory the driver can "
                      "evict to CPU RAM, so they are listed but not counted against the card")
-    if device == "cuda" and not triton_head(device):
+    if device == "cuda" and cfg.hardware.loss_head == LossHead.chunked and not triton_head(device):
         notes.append("triton is not installed here: planned TRL's plain-torch loss head, whose fp32 tile "
                      "temporaries a CUDA machine with triton does not need")
     if device == "cpu":
@@ -441,14 +456,17 @@ def remedies(cfg: TrainConfig, part: str) -> list[tuple[dict, TrainConfig]]:
         options.append(_change(cfg, hardware__gradient_checkpointing=True))
     if part in ("activations", "block working set") and cfg.model.attn_implementation == "eager":
         options.append(_change(cfg, model__attn_implementation="sdpa"))
-    if part in ("activations", "block working set", "loss head") and hw.batch_size > 1:
+    if part in ("activations", "block working set", "loss head") and hw.batch_size > 1 and not cfg.train.packing:
         # Same effective batch: half the rows per step, twice the accumulation.
         options.append(_change(cfg, hardware__batch_size=hw.batch_size // 2, hardware__grad_accum=hw.grad_accum * 2))
     if part == "eval logits" and hw.eval_batch_size > 1:
         options.append(_change(cfg, hardware__eval_batch_size=max(1, hw.eval_batch_size // 4)))
-    if part in ("optimizer states", "optimizer step temporaries") and OPTIMIZERS.get(cfg.optim.name, (32,))[0] == 32:
+    optim_name = optimizer_name(cfg.optim.name, "cuda")  # only a card's budget is ever exceeded
+    if part == "loss head" and hw.loss_head == LossHead.plain:
+        options.append(_change(cfg, hardware__loss_head=LossHead.chunked))
+    if part in ("optimizer states", "optimizer step temporaries") and OPTIMIZERS.get(optim_name, (32,))[0] == 32:
         options.append(_change(cfg, optim__name="adamw_bnb_8bit"))
-    if part == "optimizer states" and not cfg.optim.name.startswith("paged"):
+    if part == "optimizer states" and not optim_name.startswith("paged"):
         options.append(_change(cfg, optim__name="paged_adamw_8bit"))
     if part in ("gradients", "optimizer states", "weights") and cfg.peft.method == PeftMethod.full:
         options.append(_change(cfg, peft__method=PeftMethod.lora))

@@ -21,17 +21,20 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 import datasets
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from convobot import data, distributed, io, metrics, modeling, plan, resume
+from convobot import attention, cpu_memory, data, distributed, io, loss_head, metrics, modeling, plan, resume
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
-from convobot.config import CONF_DIR, DataSource, Device, PeftMethod, Precision, TrainConfig, to_container, validate
+from convobot.config import (CONF_DIR, ConfigError, DataSource, Device, LossHead, PeftMethod, Precision, TrainConfig,
+                             to_container, validate)
 from convobot.generate import answer
-from convobot.optim import describe_optimizer, resolve_optimizer
+from convobot.optim import OptimizerChoice, describe_optimizer, resolve_optimizer
 from convobot.summary import print_summary
 from convobot.tasks import exact_match
 
@@ -112,6 +115,26 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
     )
 
 
+def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision, tokenizer,
+                  dataset: data.InstructionData) -> tuple[SFTTrainer, OptimizerChoice]:
+    """The model (base, dropout, LoRA), the optimizer and TRL's SFTTrainer for `cfg`: what `run` trains and
+    benchmarks/train_throughput.py times."""
+    base = modeling.load_base_model(cfg.model, tokenizer, plan.base_dtype(precision, cfg.peft.method))
+    modeling.prepare_for_training(base, cfg.model)
+    if cfg.train.packing:
+        attention.attend_row_by_row(base)  # the block-diagonal mask's maths, without its masked blocks
+    model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
+    if precision == Precision.fp16:
+        modeling.upcast_trainable_to_fp32(model)
+    optimizer = resolve_optimizer(cfg.optim.name, device)
+    args = build_sft_config(cfg, run_dir, device, precision, optimizer.name)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
+                         processing_class=tokenizer)
+    if cfg.hardware.loss_head == LossHead.plain:
+        loss_head.use_plain_head(base)  # TRL patched the base model, under the LoRA wrapper
+    return trainer, optimizer
+
+
 def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> dict:
     """Held-out loss and perplexity; exact-match where answers can be checked (bundled tasks)."""
     rows = metrics.tokenize_for_scoring(dataset.eval, tokenizer, cfg.data.max_length, cfg.data.completion_only)
@@ -134,23 +157,17 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     set_seed(cfg.seed)
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
+    if device.type == "cpu" and cfg.hardware.tune_malloc:
+        cpu_memory.keep_freed_memory()
     if device.type == "cuda":  # refuse what the card cannot hold before loading anything (convobot-plan)
         plan.check_fits(cfg, device.type, precision)
 
     # --- setup: data, model, optimizer
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
     dataset = data.prepare(cfg.data, tokenizer)
-    base = modeling.load_base_model(cfg.model, tokenizer, plan.base_dtype(precision, cfg.peft.method))
-    model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
-    if precision == Precision.fp16:
-        modeling.upcast_trainable_to_fp32(model)
-    params = modeling.count_parameters(model)
+    trainer, optimizer = build_trainer(cfg, run_dir, device, precision, tokenizer, dataset)
+    params = modeling.count_parameters(trainer.model)
     log.info("%s", params)
-    optimizer = resolve_optimizer(cfg.optim.name, device)
-    args = build_sft_config(cfg, run_dir, device, precision, optimizer.name)
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
-                         processing_class=tokenizer)
     if checkpoint:
         resume.check_unfinished(trainer, checkpoint)
     trainer.remove_callback(ProgressCallback)
@@ -228,14 +245,24 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     return results
 
 
+# Mistakes in what the user asked for: one line naming the key, file or row, not a traceback.
+USER_ERRORS = (ConfigError, data.DataError, modeling.AdapterError, plan.PlanError)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> float:
     """Hydra entry point: `convobot-train [overrides]`. Returns eval loss (the sweep objective)."""
-    cfg = validate(raw)
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
-    run_dir = distributed.shared_run_dir(run_dir, resolve_device(cfg).type == "cpu", cfg.train.ddp_backend)
-    results = run(cfg, run_dir)
+    hydra_cfg = HydraConfig.get()
+    try:
+        cfg = validate(raw)
+        # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
+        run_dir = distributed.shared_run_dir(Path(hydra_cfg.runtime.output_dir), resolve_device(cfg).type == "cpu",
+                                             cfg.train.ddp_backend)
+        results = run(cfg, run_dir)
+    except USER_ERRORS as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records which job failed, and why
+        raise SystemExit(f"convobot-train: {type(err).__name__}: {err}") from err
     return results.get("eval_loss", float("nan"))
 
 

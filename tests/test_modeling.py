@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from convobot.config import ModelConfig, PeftConfig
-from convobot.modeling import AdapterError, apply_peft, count_parameters, load_base_model, load_tokenizer
+from convobot.modeling import (AdapterError, apply_peft, count_parameters, load_base_model, load_tokenizer, set_dropout,
+                               use_fused_gelu)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,31 @@ def test_gradient_checkpointing_with_lora_reaches_adapters(tokenizer):
     # lora_B starts at zero (so lora_A's first gradient is zero); lora_B's must be non-zero.
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_set_dropout_switches_training_dropout_off_but_not_the_config(tokenizer):
+    model = load_base_model(ModelConfig(), tokenizer).train()
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    assert set_dropout(model, None) == 0
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # control: GPT-2's 0.1 dropout is random
+    assert set_dropout(model, 0.0) > 0
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert model.config.attn_pdrop == model.config.resid_pdrop == 0.1  # a saved/released config keeps GPT-2's
+
+
+def test_fused_gelu_computes_what_gelu_new_does(tokenizer):
+    import copy
+
+    from transformers.activations import NewGELUActivation
+
+    model = load_base_model(ModelConfig(), tokenizer)
+    set_dropout(model, 0.0)
+    fused = copy.deepcopy(model)
+    assert use_fused_gelu(fused) == ModelConfig().n_layer
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    for m in (model, fused):
+        m(ids, labels=ids).loss.backward()
+    assert torch.allclose(fused(ids).logits, model(ids).logits, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name

@@ -31,3 +31,17 @@ def test_fallback_is_loud_and_recorded(monkeypatch):
     with pytest.warns(RuntimeWarning, match="FALLING BACK"):
         choice = resolve_optimizer("adamw_bnb_8bit", torch.device("cpu"))
     assert choice.name == FALLBACK and choice.fallback_reason == "simulated: no backend"
+
+
+@pytest.mark.parametrize("device, expected", [("cpu", "adamw_torch_fused"), ("cuda", "adamw_bnb_8bit")])
+def test_auto_picks_by_device(monkeypatch, device, expected):
+    monkeypatch.setattr("convobot.optim.bnb_8bit_runs_on", lambda device: None)  # no GPU needed to decide
+    choice = resolve_optimizer("auto", torch.device(device))
+    assert (choice.requested, choice.name, choice.fallback_reason) == ("auto", expected, None)
+
+
+def test_auto_on_cuda_without_bitsandbytes_falls_back_loudly(monkeypatch):
+    monkeypatch.setattr("convobot.optim.bnb_8bit_runs_on", lambda device: "simulated: no backend")
+    with pytest.warns(RuntimeWarning, match="'adamw_bnb_8bit' unavailable"):
+        choice = resolve_optimizer("auto", torch.device("cuda"))
+    assert choice.name == FALLBACK and choice.requested == "auto"

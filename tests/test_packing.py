@@ -13,15 +13,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl import SFTTrainer
 
-from convobot import data, modeling
+from convobot import attention, data, modeling
 from convobot.config import Precision
 from convobot.metrics import IGNORE_INDEX, tokenize_for_scoring
-from convobot.train import build_sft_config
+from convobot.train import build_trainer
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", attention.NAME])
 def test_gpt2_keeps_packed_rows_apart(attn):
     """Logits of two rows packed into one sequence equal those of each row run alone."""
     torch.manual_seed(0)
@@ -41,10 +41,10 @@ def test_gpt2_keeps_packed_rows_apart(attn):
 
 
 def _trainer(cfg, tokenizer, dataset, run_dir: Path) -> SFTTrainer:
-    model = modeling.apply_peft(modeling.load_base_model(cfg.model, tokenizer), cfg.peft)
-    args = build_sft_config(cfg, run_dir, CPU, Precision.fp32, "adamw_torch")
-    args.disable_tqdm = True
-    return SFTTrainer(model=model, args=args, train_dataset=dataset.train, processing_class=tokenizer)
+    """convobot's own trainer: packed, with row-by-row attention and the cpu profile's plain loss head."""
+    trainer, _ = build_trainer(cfg, run_dir, CPU, Precision.fp32, tokenizer, dataset)
+    trainer.args.disable_tqdm = True
+    return trainer
 
 
 def _scored_rows(batch: dict) -> list[tuple[int, ...]]:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from convobot import modeling, plan, train
-from convobot.config import Precision
+from convobot import loss_head, modeling, plan, train
+from convobot.config import LossHead, Precision
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["experiment=smoke", "train.max_steps=2", "report.before=false", "report.samples=0",
@@ -42,8 +42,9 @@ class AllocationProbe(TrainerCallback):
         })
 
 
-@pytest.mark.parametrize("overrides", [["peft=lora"], ["peft=full"], ["peft=full", "optim=adamw_torch"]],
-                         ids=["lora-8bit", "full-8bit", "full-adamw32"])
+@pytest.mark.parametrize("overrides", [["peft=lora", "optim=adamw_8bit"], ["peft=full", "optim=adamw_8bit"],
+                                       ["peft=full", "optim=adamw_torch"], ["peft=full"]],
+                         ids=["lora-8bit", "full-8bit", "full-adamw32", "full-auto"])
 def test_parameter_gradient_optimizer_parts_match_a_real_run(compose_train, monkeypatch, tmp_path, overrides):
     probe = AllocationProbe()
 
@@ -61,7 +62,7 @@ def test_parameter_gradient_optimizer_parts_match_a_real_run(compose_train, monk
     for part in ("weights", "gradients", "optimizer states"):
         measured, planned = probe.measured[part], estimate.parts[part].bytes
         assert abs(planned - measured) <= 0.10 * measured, (part, planned, measured)
-    if "optim=adamw_torch" not in overrides:  # 8-bit states really were 8-bit, so the check above meant it
+    if "optim=adamw_8bit" in overrides:  # 8-bit states really were 8-bit, so the check above meant it
         assert "uint8" in results["optimizer"]
 
 
@@ -71,6 +72,7 @@ def saved_activation_bytes(cfg) -> int:
 
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer)
     base = modeling.load_base_model(cfg.model, tokenizer)
+    modeling.prepare_for_training(base, cfg.model)
     add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
     model = modeling.apply_peft(base, cfg.peft).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -90,6 +92,7 @@ def saved_activation_bytes(cfg) -> int:
 
 @pytest.mark.parametrize("overrides", [
     ["peft=lora"], ["peft=full"], ["peft=lora", "model.attn_implementation=eager", "model.n_layer=4"],
+    ["peft=lora", "model.dropout=0.1", "peft.dropout=0.05"], ["peft=full", "model.dropout=null"],
     ["peft=lora", "peft.target_modules=[c_proj,c_fc]", "peft.r=32"], ["peft=full", "data.max_length=64"],
 ])
 def test_activation_part_matches_tensors_saved_for_backward(compose_train, overrides):
@@ -100,19 +103,25 @@ def test_activation_part_matches_tensors_saved_for_backward(compose_train, overr
 
 
 @pytest.mark.filterwarnings("ignore:.*export_memory_timeline.*:FutureWarning")  # still the CPU memory timeline
-def test_loss_head_matches_the_profiler_memory_timeline(tmp_path):
-    """TRL's chunked log-prob head, forward + backward, at a shape other than the one its constant came from."""
+@pytest.mark.parametrize("head", list(LossHead))
+def test_loss_head_matches_the_profiler_memory_timeline(tmp_path, head):
+    """TRL's chunked log-prob head or convobot's plain one, forward + backward, at a shape other than the one
+    their constants came from."""
     from torch.profiler import ProfilerActivity, profile
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     tokens, hidden_size, vocab = 600, 32, 2000
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size)  # frozen head (LoRA): no weight gradient
+    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(False)  # frozen (LoRA)
     targets = torch.randint(0, vocab, (tokens,))
 
     def step():
-        log_probs, *_ = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, plan.TRL_VOCAB_TILE,
-                                                     None, 1.0, ("log_probs", "entropy", "is_top1"))
+        if head == LossHead.plain:
+            log_probs, *_ = loss_head.score_labelled(hidden, lm_head, targets)
+        else:
+            log_probs, *_ = ChunkedLogProbFunction.apply(hidden, lm_head.weight, None, targets, 1.0,
+                                                         plan.TRL_VOCAB_TILE, None, 1.0,
+                                                         ("log_probs", "entropy", "is_top1"))
         (-log_probs.sum()).backward()
 
     step()  # warm-up
@@ -121,8 +130,8 @@ def test_loss_head_matches_the_profiler_memory_timeline(tmp_path):
     prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
     _, sizes = json.loads((tmp_path / "timeline.json").read_text())
     measured = max(sum(by_category) for by_category in sizes)
-    arch = plan.Architecture("gpt2", 1, hidden_size, 1, 4 * hidden_size, vocab, tokens, 0.0, 0.0, 0.0, True)
-    planned = plan.loss_head_bytes(arch, 1, tokens, "cpu", autocast=False)
+    arch = plan.Architecture("gpt2", 1, hidden_size, 1, 4 * hidden_size, vocab, tokens, 0.0, 0.0, 0.0)
+    planned = plan.loss_head_bytes(arch, 1, tokens, "cpu", autocast=False, head=head)
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
 
 
@@ -208,3 +217,12 @@ def test_gpu_validation_script_skips_clearly_without_cuda(capsys):
     script = runpy.run_path(str(REPO / "benchmarks" / "plan_gpu_validation.py"))
     assert script["main"]([]) == 0
     assert capsys.readouterr().out.startswith("SKIP: no CUDA device visible")
+
+
+def test_packed_runs_plan_micro_batches_of_one_sequence(compose_train):
+    """Packed, a step accumulates batch_size micro-batches of one sequence (train.build_sft_config)."""
+    packed = plan.estimate(gpt2(compose_train, "train.packing=true", "hardware.batch_size=4"), "cuda")
+    single = plan.estimate(gpt2(compose_train, "hardware.batch_size=1"), "cuda")
+    padded = plan.estimate(gpt2(compose_train, "hardware.batch_size=4"), "cuda")
+    for part in ("activations", "loss head"):
+        assert packed.parts[part].bytes == single.parts[part].bytes < padded.parts[part].bytes, part

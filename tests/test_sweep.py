@@ -38,7 +38,7 @@ def sweep_dir(tmp_path_factory):
         job = root / f"{number}_peft={method}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- experiment=smoke\n- peft={method}\n")
-        run(validate(hydra_config("train", "experiment=smoke", f"peft={method}", *QUICK)), job)
+        run(validate(hydra_config("train", "experiment=smoke", f"peft={method}", "optim=adamw_8bit", *QUICK)), job)
     failed = root / "2_peft=full,optim.lr=10"
     (failed / ".hydra").mkdir(parents=True)
     (failed / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- peft=full\n- optim.lr=10\n")

@@ -17,9 +17,9 @@ def smoke_runs(tmp_path_factory):
     from convobot.config import compose, validate
 
     runs = {}
-    for method in ("lora", "full"):
+    for method, optim in (("lora", "auto"), ("full", "adamw_8bit")):
         run_dir = tmp_path_factory.mktemp(f"smoke_{method}")
-        cfg = validate(compose(["experiment=smoke", f"peft={method}"]))
+        cfg = validate(compose(["experiment=smoke", f"peft={method}", f"optim={optim}"]))
         runs[method] = (run_dir, run(cfg, run_dir))
     return runs
 
@@ -52,11 +52,17 @@ def test_smoke_metrics_are_consistent(smoke_runs):
 
 
 def test_8bit_optimizer_really_steps(smoke_runs):
-    """On this CPU bitsandbytes' 8-bit AdamW is the optimizer that trained (uint8 states)."""
+    """optim=adamw_8bit on this CPU: bitsandbytes' 8-bit AdamW is the optimizer that trained (uint8 states)."""
     _, results = smoke_runs["full"]
     if results["optimizer_fallback_reason"]:
         pytest.skip(f"fell back: {results['optimizer_fallback_reason']}")
     assert results["optimizer"].startswith("bitsandbytes.optim") and "uint8" in results["optimizer"]
+
+
+def test_default_optimizer_on_cpu_is_fused_torch_adamw(smoke_runs):
+    _, results = smoke_runs["lora"]
+    assert results["optimizer_requested"] == "auto" and results["optimizer_fallback_reason"] is None
+    assert results["optimizer"] == "torch.optim.adamw.AdamW (state float32)"
 
 
 @pytest.mark.slow
@@ -70,3 +76,19 @@ def test_tiny_model_learns_the_bundled_tasks(tmp_path):
     before = results["before"]
     assert results["eval_loss"] < before["eval_loss"] - 1.0
     assert results["exact_match"] >= before["exact_match"] + 0.1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["peft.r=eight"], "convobot-train: ConfigError: config key 'peft.r'"),
+    (["data=local", "data.path=no_such_rows.jsonl"], "convobot-train: DataError: "),
+])
+def test_command_line_mistakes_end_in_one_line_naming_them(tmp_path, overrides, expected):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train = Path(sys.executable).parent / "convobot-train"
+    done = subprocess.run([str(train), "experiment=smoke", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
