@@ -51,7 +51,7 @@ class Precision(str, Enum):
 
 class LossHead(str, Enum):
     chunked = "chunked"  # TRL's chunked log-prob head: never holds batch x seq x vocab logits (GPUs)
-    plain = "plain"  # logits and cross-entropy on the labelled positions only: ~2x faster on CPU
+    plain = "plain"  # logits and cross-entropy on the labelled positions only: LoRA steps ~1.3x faster on CPU
 
 
 class Device(str, Enum):

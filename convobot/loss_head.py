@@ -16,7 +16,7 @@ import types
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
-IGNORE_INDEX = -100
+from convobot.metrics import IGNORE_INDEX
 
 
 def score_labelled(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor):
