@@ -18,11 +18,13 @@ GPT-2 tokenizer from ../shared/data/gpt2-tokenizer) and the real GPT-2 small arc
               optim=auto (CPU: fused AdamW; CUDA: 8-bit AdamW), row-by-row attention over the packed rows;
               batch 2 packed sequences per optimizer step
 The cpu profile's glibc setting (hardware.tune_malloc, convobot/cpu_memory.py) is process-wide, so on CPU it is set
-once for the whole process: the reference gets it too (~9% faster for it alone), and the ratios do not count it.
+once for the whole process, and run as a script the benchmark restarts itself with one malloc arena (threads would
+otherwise get arenas that mmap large blocks): the reference gets the same allocator, and the ratios do not count it.
   others      variants (--configs) that isolate one change each; see CONVOBOT_CONFIGS
 Trained tokens are the Trainer's num_input_tokens_seen: non-padding tokens, never padded width (EOS counted on
 both paths; tests/test_packing.py checks the count). Per configuration, --warmup steps are excluded, then
---repeats windows of --steps steps are timed. On CPU the configurations take turns window by window (each
+--repeats windows of --steps steps are timed, each after one untimed step (the memory meter hands freed memory
+back between turns, and that step faults it in again). On CPU the configurations take turns window by window (each
 trains in its own thread, one at a time), so load from other processes falls on all of them alike; on CUDA
 they run one after another, each freed before the next, so a 4 GB card holds one at a time.
 Peak memory is what each configuration adds to the process over its own turns: CUDA max_memory_allocated
@@ -207,32 +209,41 @@ class Runner:
             torch.cuda.synchronize()  # the step's kernels are queued, not finished
         return time.perf_counter()
 
-    def _begin_turn(self, tokens: int) -> None:
+    def _begin_turn(self) -> None:
         self.turns.wait(self.name)
         self.result.load.append(os.getloadavg()[0])
         self.memory.start()
-        self._t0, self._tokens0, self._step0 = self._sync(), tokens, None
+        self._clock = None  # (start time, tokens, step) once the turn's re-warm step is done
 
-    def on_window_end(self, step: int, tokens: int, last: bool) -> None:
-        """Called from the Trainer at the end of warm-up and of every timed window."""
-        seconds = self._sync() - self._t0
-        if self._step0 is not None:
-            done = tokens - self._tokens0
-            self.result.windows.append({"tokens": done, "seconds": seconds, "steps": step - self._step0,
-                                        "tokens_per_second": done / seconds})
+    def _end_turn(self, last: bool = False) -> None:
         self.memory.stop()
         if not last:
             self.turns.hand_over(self.name)
-            self._begin_turn(tokens)
-            self._step0 = step
+            self._begin_turn()
+
+    def on_step_end(self, step: int, tokens: int) -> None:
+        """Called from the Trainer after every step. The first turn builds the model and takes the warm-up steps;
+        every later turn takes one untimed re-warm step (it faults back in what the hand-over freed), then a
+        timed window of --steps steps."""
+        args = self.args
+        if step == args.warmup and not self.result.windows and self._clock is None:
+            self._end_turn()
+        elif step > args.warmup and self._clock is None:
+            self._clock = (self._sync(), tokens, step)
+        elif self._clock is not None and step - self._clock[2] == args.steps:
+            seconds = self._sync() - self._clock[0]
+            done = tokens - self._clock[1]
+            self.result.windows.append({"tokens": done, "seconds": seconds, "steps": args.steps,
+                                        "tokens_per_second": done / seconds})
+            self._end_turn(last=len(self.result.windows) == args.repeats)
 
     def _run(self) -> None:
         trainer = None
         try:
-            self._begin_turn(0)
+            self._begin_turn()
             trainer, self.result.description = self.build()
             trainer.remove_callback(PrinterCallback)  # its per-run log dict would interleave with the report
-            trainer.add_callback(WindowClock(self, self.args.warmup, self.args.steps, self.args.repeats))
+            trainer.add_callback(StepClock(self))
             self.result.trainable_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             self.result.total_params = sum(p.numel() for p in trainer.model.parameters())
             trainer.train()
@@ -245,16 +256,14 @@ class Runner:
             self.turns.hand_over(self.name, finished=True)
 
 
-class WindowClock(TrainerCallback):
-    """Ends a turn after the warm-up steps and after every window of timed steps."""
+class StepClock(TrainerCallback):
+    """Hands each finished step to the runner, which times the windows and ends the turns."""
 
-    def __init__(self, runner: Runner, warmup: int, steps: int, repeats: int):
-        self.runner, self.warmup, self.steps, self.last = runner, warmup, steps, warmup + steps * repeats
+    def __init__(self, runner: Runner):
+        self.runner = runner
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
-        if step >= self.warmup and (step - self.warmup) % self.steps == 0:
-            self.runner.on_window_end(step, state.num_input_tokens_seen, last=step >= self.last)
+        self.runner.on_step_end(state.global_step, state.num_input_tokens_seen)
 
 
 # --- the configurations
@@ -276,7 +285,7 @@ def compose_config(setup: Setup, overrides: list[str]):
         "model=tiny", f"model.tokenizer={setup.workdir / 'tokenizer'}", *(SMOKE_MODEL if args.smoke else GPT2_SMALL),
         "data=local", f"data.path={args.rows}", f"data.max_length={args.max_length}", "data.eval_size=8",
         f"hardware={HARDWARE[setup.device.type]}", f"hardware.batch_size={args.batch_size}",
-        f"train.max_steps={args.warmup + args.steps * args.repeats}", "train.save_steps=1000000",
+        f"train.max_steps={total_steps(args)}", "train.save_steps=1000000",
         "train.logging_steps=1000000", "report.before=false", *overrides,
     ]))
 
@@ -422,7 +431,7 @@ def render(summary: dict) -> str:
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
              f"- rows: {settings['rows']} (max_length {settings['max_length']}), batch {settings['batch_size']}; "
              f"{settings['warmup_steps']} warm-up steps excluded, then {settings['windows']} windows of "
-             f"{settings['steps_per_window']} steps" + (", interleaved" if settings["interleaved"] else ""),
+             f"{settings['steps_per_window']} steps, each after an untimed re-warm step" + (", interleaved" if settings["interleaved"] else ""),
              f"- load average (1 min) at turn starts: {summary['load_average_1min']['min']:.2f}"
              f"-{summary['load_average_1min']['max']:.2f} ({summary['load_average_1min']['note']})",
              f"- wall time: {summary['wall_seconds']:.0f} s"]
@@ -506,6 +515,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "avoids each op waiting for a descheduled second thread, which swamps short sequences")
 
 
+def total_steps(args) -> int:
+    """Warm-up, then per window one re-warm step and the timed ones."""
+    return args.warmup + args.repeats * (1 + args.steps)
+
+
 def check_counts(parser: argparse.ArgumentParser, args) -> None:
     if min(args.warmup, args.steps, args.repeats) < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1 (the first turn builds the model)")
@@ -548,4 +562,7 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
+    from convobot import cpu_memory
+
+    cpu_memory.restart_with_one_arena()  # every configuration trains in a thread: see convobot/cpu_memory.py
     main()

@@ -35,9 +35,10 @@ def sdpa_by_row(module, query, key, value, attention_mask, dropout=0.0, scaling=
     if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                    dropout_p=dropout, scale=scaling, is_causal=True)
-                     for a, b in rows], dim=2)
+    # split, not slicing: one slice's backward writes a whole zero-filled gradient per row; split's is one cat.
+    sizes = [b - a for a, b in rows]
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+                     for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))], dim=2)
     return out.transpose(1, 2).contiguous(), None  # (batch, seq, heads, head_dim), as transformers' SDPA returns
 
 

@@ -33,6 +33,19 @@ def test_turns_run_one_configuration_at_a_time(interleave, expected):
     assert "".join(order) == expected
 
 
+def test_each_timed_window_follows_an_untimed_re_warm_step():
+    args = bench.parse_args(["--warmup", "2", "--steps", "3", "--repeats", "2"])
+    runner = bench.Runner("lora", build=None, turns=bench.Turns(["lora"], interleave=True), device="cpu", args=args)
+    now = [0.0]
+    runner._sync = lambda: now[0]
+    runner._begin_turn()
+    re_warm_steps = {args.warmup + 1, args.warmup + args.steps + 2}
+    for step in range(1, bench.total_steps(args) + 1):
+        now[0] += 100.0 if step in re_warm_steps else 10.0  # a re-warm step faults memory in: slow, untimed
+        runner.on_step_end(step, tokens=step * 500)
+    assert runner.result.windows == [{"tokens": 1500, "seconds": 30.0, "steps": 3, "tokens_per_second": 50.0}] * 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the GPU variant would run")
 def test_gpu_variant_skips_with_a_message_on_cpu(capsys, tmp_path):
     assert bench.main(["--device", "cuda", "--out", str(tmp_path / "gpu")]) is None
