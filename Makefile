@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-carry clean
 
 # torch==2.13.0 goes in first and alone: with it installed, the pinned stack resolves without
 # pip ever reaching for a (multi-GB) CUDA build of a newer torch.
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Train the embedded default into a fixed run dir, merge and verify it into a release bundle (prints
-# base vs merged perplexity), then stream one answer from the bundle. Offline; ~2 min on 2 cores.
+# base vs merged perplexity), then stream one answer from the bundle. Offline; under a minute on 2 cores.
 DEMO_RUN := outputs/demo
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 demo: $(STAMP)
@@ -35,9 +35,24 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Trained tokens/s of GPT-2 small: the reference setup vs convobot, side by side in one process
-# (~8 min on 2 CPU cores; writes benchmarks/results/train_throughput_cpu_<date>.{md,json}).
+# (~6.5 min on 2 CPU cores; writes benchmarks/results/train_throughput_cpu_<date>.{md,json}).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+
+# What benchmarks/gpu_check.sh needs on a lent GPU machine, whose image has torch, transformers, peft and
+# accelerate but not the rest, and which reaches no network: this stack's pinned wheels (Python 3.12) and the
+# ../shared inputs, in the git-ignored .gpu/ that the device tool carries.
+GPU_CARRY := .gpu
+GPU_PACKAGES := transformers|peft|trl|bitsandbytes|datasets|hydra-core|omegaconf|dill|multiprocess
+MANYLINUX := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-carry: $(STAMP)
+	rm -rf $(GPU_CARRY) && mkdir -p $(GPU_CARRY)/wheels $(GPU_CARRY)/shared/data
+	$(BIN)/pip freeze | grep -iE '^($(GPU_PACKAGES))==' > $(GPU_CARRY)/requirements.txt
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(MANYLINUX) --platform any -d $(GPU_CARRY)/wheels -r $(GPU_CARRY)/requirements.txt
+	$(BIN)/pip wheel --quiet --no-deps -w $(GPU_CARRY)/wheels "antlr4-python3-runtime==4.9.3"  # sdist only
+	cp -r ../shared/data/alpaca_gpt4 ../shared/data/gpt2-tokenizer $(GPU_CARRY)/shared/data/
+	du -sh $(GPU_CARRY)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

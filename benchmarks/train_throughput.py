@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("CONVOBOT_SHARED_DATA", REPO.parent / "shared" / "data"))  # gpu_check.sh: carried
 ROWS_FILE = SHARED_DATA / "alpaca_gpt4" / "train_sample.jsonl"
 TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 RESULTS_DIR = REPO / "benchmarks" / "results"
