@@ -65,9 +65,9 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
         seed=cfg.seed,
         num_train_epochs=loop.epochs,
         max_steps=loop.max_steps,
-        # Packed, a batch of B sequences is flattened into one of B*max_length tokens, and SDPA (no varlen kernel)
-        # pays attention over all of them; B accumulated micro-batches of one sequence train the same tokens per
-        # optimizer step (the loss is normalised over the whole step) at a single sequence's attention cost.
+        # Packed, a batch of B sequences is flattened into one of B*max_length tokens; B accumulated micro-batches
+        # of one sequence train the same tokens per optimizer step (the loss is normalised over the whole step)
+        # holding one sequence's activations at a time.
         per_device_train_batch_size=1 if loop.packing else hw.batch_size,
         per_device_eval_batch_size=hw.eval_batch_size,
         gradient_accumulation_steps=hw.grad_accum * (hw.batch_size if loop.packing else 1),
