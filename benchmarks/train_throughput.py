@@ -226,7 +226,7 @@ class Runner:
         every later turn takes one untimed re-warm step (it faults back in what the hand-over freed), then a
         timed window of --steps steps."""
         args = self.args
-        if step == args.warmup and not self.result.windows and self._clock is None:
+        if step == args.warmup:
             self._end_turn()
         elif step > args.warmup and self._clock is None:
             self._clock = (self._sync(), tokens, step)
@@ -431,7 +431,8 @@ def render(summary: dict) -> str:
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
              f"- rows: {settings['rows']} (max_length {settings['max_length']}), batch {settings['batch_size']}; "
              f"{settings['warmup_steps']} warm-up steps excluded, then {settings['windows']} windows of "
-             f"{settings['steps_per_window']} steps, each after an untimed re-warm step" + (", interleaved" if settings["interleaved"] else ""),
+             f"{settings['steps_per_window']} steps, each after an untimed re-warm step"
+             + (", interleaved" if settings["interleaved"] else ""),
              f"- load average (1 min) at turn starts: {summary['load_average_1min']['min']:.2f}"
              f"-{summary['load_average_1min']['max']:.2f} ({summary['load_average_1min']['note']})",
              f"- wall time: {summary['wall_seconds']:.0f} s"]

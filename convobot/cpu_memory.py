@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 KEEP = 1 << 30  # allocations up to 1 GiB come from the heap
 NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
-GLIBC_CEILING = (32 << 20, 64 << 20)  # the (mmap, trim) thresholds glibc's adaptive rule stops at
 
 
 def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
