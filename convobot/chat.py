@@ -15,35 +15,18 @@ an empty line, `exit` or Ctrl-D ends it.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
 import hydra
-import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 from transformers import set_seed
 
-from convobot.generate import GenerationOptions, stream_answer
-from convobot.merge import COMMANDS_CONF_DIR, load_model, run_command
+from convobot.cli import run_command
+from convobot.config import COMMANDS_CONF_DIR, ChatConfig, GenerationOptions
+from convobot.generate import stream_answer
+from convobot.modeling import resolve_device
+from convobot.rundir import load_model
 
 INPUT_SEPARATOR = "||"
-
-
-@dataclass
-class ChatConfig:
-    model: str = MISSING
-    # One instruction to answer, then exit; null: an interactive session.
-    prompt: Optional[str] = None
-    # The Alpaca input that goes with `prompt` (optional).
-    input: str = ""
-    generation: GenerationOptions = field(default_factory=GenerationOptions)
-    seed: int = 0
-    # auto: cuda if available, else cpu.
-    device: str = "auto"
-
-
-ConfigStore.instance().store(name="chat_schema", node=ChatConfig)
 
 
 def respond(model, tokenizer, instruction: str, input: str, options: GenerationOptions, out: TextIO) -> str:
@@ -79,8 +62,7 @@ def repl(model, tokenizer, options: GenerationOptions, read: Callable[[str], str
 
 def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
     """One-shot answer to `cfg.prompt` (returned), or a REPL when there is none."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device, key="device")
     model, tokenizer = load_model(cfg.model)
     model.to(device)
     set_seed(cfg.seed)
@@ -93,7 +75,7 @@ def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
 @hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="chat", version_base="1.3")
 def main(raw) -> None:
     """Hydra entry point: `convobot-chat model=<bundle or run dir> [prompt=...] [generation.temperature=0]`."""
-    run_command("convobot-chat", chat, raw)
+    run_command("convobot-chat", ChatConfig, chat, raw)
 
 
 if __name__ == "__main__":

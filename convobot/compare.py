@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io as textio
-import json
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,9 +23,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
-from omegaconf import OmegaConf
 
-from convobot import io
+from convobot import atomic, rundir
+from convobot.cli import one_line_errors
+from convobot.errors import CompareError
 
 PLOTS = ("loss_curves", "perplexity_vs_params", "peak_memory", "throughput")
 METHOD_STYLE = {"lora": ("tab:blue", "-", "o"), "full": ("tab:orange", "--", "s")}
@@ -37,12 +37,10 @@ COLUMNS = (
 )
 
 
-class CompareError(ValueError):
-    """A path holds no run, or no run finished; the message names the path."""
-
-
 @dataclass
-class Run:
+class ComparedRun:
+    """One run dir as the report sees it: what it was launched with and what it wrote."""
+
     path: Path
     overrides: list[str]
     metrics: dict | None  # None: the job never wrote metrics.json (failed or still running)
@@ -94,40 +92,21 @@ def find_run_dirs(path: Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise CompareError(f"{path}: no such directory")
-    if (path / "metrics.json").is_file():
+    if (path / rundir.METRICS).is_file():
         return [path]
-    # A sweep's job dirs: each has .hydra/ from the start and metrics.json once it finished.
-    jobs = [d for d in path.iterdir() if d.is_dir() and ((d / "metrics.json").is_file() or (d / ".hydra").is_dir())]
+    jobs = [d for d in path.iterdir() if d.is_dir() and rundir.is_run_dir(d)]
     if not jobs:
-        jobs = [f.parent for f in path.rglob("metrics.json")]
+        jobs = [f.parent for f in path.rglob(rundir.METRICS)]
     if not jobs:
-        raise CompareError(f"{path}: no metrics.json in it or below it (expected a run dir or a sweep dir)")
+        raise CompareError(f"{path}: no {rundir.METRICS} in it or below it (expected a run dir or a sweep dir)")
     return sorted(jobs, key=_job_order)
 
 
-def load_run(path: Path) -> Run:
-    path = Path(path)
-    overrides_file = path / ".hydra" / "overrides.yaml"
-    # What Hydra recorded from the command line (sweep values included); hydra.* keys are launch details.
-    recorded = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    overrides = [o for o in recorded if not o.startswith("hydra.")]
-    metrics = None
-    if (path / "metrics.json").is_file():
-        try:
-            metrics = json.loads((path / "metrics.json").read_text())
-        except json.JSONDecodeError as err:
-            raise CompareError(f"{path / 'metrics.json'}: not valid JSON ({err})") from err
-    curve = []
-    if (path / "metrics.jsonl").is_file():
-        for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
-            try:
-                curve.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise CompareError(f"{path / 'metrics.jsonl'} line {number}: not valid JSON ({err})") from err
-    return Run(path, overrides, metrics, curve)
+def load_run(path: Path) -> ComparedRun:
+    return ComparedRun(Path(path), rundir.read_overrides(path), rundir.read_metrics(path), rundir.read_metrics_log(path))
 
 
-def load_runs(paths) -> list[Run]:
+def load_runs(paths) -> list[ComparedRun]:
     """Every run under `paths`, labelled by the overrides that differ between them."""
     dirs = []
     for path in paths:
@@ -160,8 +139,8 @@ def _cell(value, column: str) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def csv_text(runs: list[Run]) -> str:
-    buffer = textio.StringIO()
+def csv_text(runs: list[ComparedRun]) -> str:
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for run in runs:
@@ -169,7 +148,7 @@ def csv_text(runs: list[Run]) -> str:
     return buffer.getvalue()
 
 
-def markdown_table(runs: list[Run]) -> str:
+def markdown_table(runs: list[ComparedRun]) -> str:
     headers = {
         "run": "run", "method": "method", "trainable_params": "trainable params", "trainable_percent": "trainable",
         "peak_memory_mib": "peak memory (MiB)", "tokens_per_second": "tokens/s", "wall_seconds": "wall time (s)",
@@ -187,11 +166,11 @@ def markdown_table(runs: list[Run]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _style(run: Run) -> tuple[str, str, str]:
+def _style(run: ComparedRun) -> tuple[str, str, str]:
     return METHOD_STYLE.get(run.method, ("tab:gray", ":", "^"))
 
 
-def plot_loss_curves(runs: list[Run]) -> Figure:
+def plot_loss_curves(runs: list[ComparedRun]) -> Figure:
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -216,7 +195,7 @@ def plot_loss_curves(runs: list[Run]) -> Figure:
     return fig
 
 
-def plot_perplexity_vs_params(runs: list[Run]) -> Figure:
+def plot_perplexity_vs_params(runs: list[ComparedRun]) -> Figure:
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     for method in sorted({r.method for r in runs}):
@@ -240,7 +219,7 @@ def plot_perplexity_vs_params(runs: list[Run]) -> Figure:
     return fig
 
 
-def _bars(runs: list[Run], values: list[float], title: str, xlabel: str, fmt: str) -> Figure:
+def _bars(runs: list[ComparedRun], values: list[float], title: str, xlabel: str, fmt: str) -> Figure:
     fig = Figure(figsize=(8, max(3.0, 1.2 + 0.5 * len(runs))), layout="constrained")
     ax = fig.subplots()
     positions = range(len(runs))
@@ -258,7 +237,7 @@ def _bars(runs: list[Run], values: list[float], title: str, xlabel: str, fmt: st
     return fig
 
 
-def plot_peak_memory(runs: list[Run]) -> Figure:
+def plot_peak_memory(runs: list[ComparedRun]) -> Figure:
     devices = {r.metrics.get("device") for r in runs}
     measure = {"cuda": "CUDA max allocated", "cpu": "process peak RSS"}
     what = " / ".join(measure.get(d, str(d)) for d in sorted(devices, key=str))
@@ -266,12 +245,12 @@ def plot_peak_memory(runs: list[Run]) -> Figure:
                  f"peak memory (MiB; {what})", "{:,.0f} MiB")
 
 
-def plot_throughput(runs: list[Run]) -> Figure:
+def plot_throughput(runs: list[ComparedRun]) -> Figure:
     return _bars(runs, [r.metrics["tokens_per_second"] for r in runs], "Training throughput",
                  "trained tokens per second (non-padding)", "{:,.0f}")
 
 
-def write_plots(runs: list[Run], folder: Path) -> list[Path]:
+def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
     """The four PNGs into `folder` (replaced as a whole, atomically); only finished runs are drawn."""
     finished = [r for r in runs if r.finished]
     if not finished:
@@ -282,7 +261,7 @@ def write_plots(runs: list[Run], folder: Path) -> list[Path]:
         "peak_memory": plot_peak_memory(finished),
         "throughput": plot_throughput(finished),
     }
-    with io.atomic_dir(folder, overwrite=True) as tmp:
+    with atomic.directory(folder, overwrite=True) as tmp:
         for name, fig in figures.items():
             fig.savefig(tmp / f"{name}.png", dpi=120)
     return [folder / f"{name}.png" for name in figures]
@@ -291,7 +270,7 @@ def write_plots(runs: list[Run], folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- the report
 
 
-def write_report(runs: list[Run], out_dir: Path, markdown_name: str, title: str) -> Path:
+def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, title: str) -> Path:
     """<out_dir>/<markdown_name>, summary.csv and plots/*.png. Returns the markdown path."""
     out_dir = Path(out_dir)
     plots = write_plots(runs, out_dir / "plots")
@@ -314,8 +293,8 @@ def write_report(runs: list[Run], out_dir: Path, markdown_name: str, title: str)
     }
     for plot in plots:
         lines += [f"![{captions[plot.stem]}](plots/{plot.name})", ""]
-    io.write_text(out_dir / "summary.csv", csv_text(runs))
-    io.write_text(out_dir / markdown_name, "\n".join(lines))
+    atomic.write_text(out_dir / "summary.csv", csv_text(runs))
+    atomic.write_text(out_dir / markdown_name, "\n".join(lines))
     return out_dir / markdown_name
 
 
@@ -324,7 +303,7 @@ def compare(paths, out_dir: Path, title: str = "convobot run comparison", overwr
     runs = load_runs(paths)
     if not any(r.finished for r in runs):
         raise CompareError(f"none of the {len(runs)} runs under {', '.join(map(str, paths))} finished")
-    with io.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic.directory(out_dir, overwrite=overwrite) as tmp:
         write_report(runs, tmp, "report.md", title)
     return Path(out_dir) / "report.md"
 
@@ -340,10 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     out = args.out or Path("outputs/compare") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    try:
+    with one_line_errors("convobot-compare"):
         report = compare(args.paths, out, args.title, args.overwrite)
-    except (CompareError, FileExistsError) as err:
-        parser.exit(2, f"convobot-compare: error: {err}\n")
     print(report.read_text())
     print(f"report: {report}")
     return 0

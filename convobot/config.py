@@ -1,8 +1,9 @@
-"""Typed schemas for the Hydra config, and the one place a composed config is checked.
+"""Typed schemas for every command's config, and the one place a composed config is checked.
 
-Hydra composes `conf/train.yaml` and its groups; `validate()` merges the result onto these
-dataclasses, so a misspelt key (`peft.rr=8`) or a wrong type (`peft.r=eight`) fails at start-up
-with the full key in the message instead of deep inside training.
+Hydra composes `conf/train.yaml` and its groups (convobot-train, convobot-plan) or a file of
+`conf/commands/` (merge, eval, export, chat); `validate()` merges the result onto these dataclasses,
+so a misspelt key (`peft.rr=8`), a wrong type (`peft.r=eight`) or a missing value (`run_dir=???`)
+fails at start-up with the full key in the message instead of deep inside the work.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from convobot.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key."""
+COMMANDS_CONF_DIR = CONF_DIR / "commands"
 
 
 class ModelSource(str, Enum):
@@ -190,20 +190,117 @@ class TrainConfig:
     experiment_name: str = "default"
 
 
-def validate(cfg: DictConfig | dict) -> TrainConfig:
-    """Check a composed config against the schema and return it as a typed object.
+# ----------------------------------------------------------------------------- the release commands
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling settings for chat and for a release bundle's generation_config.json (temperature 0 = greedy)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+
+@dataclass
+class MergeConfig:
+    """convobot-merge (conf/commands/merge.yaml)."""
+    run_dir: str = MISSING
+    output_dir: str = MISSING
+    overwrite: bool = False
+    # Max |logit difference| allowed between the adapter model, the merged model and the reloaded bundle.
+    tolerance: float = 1e-4
+    # Held-out rows the logit checks run on.
+    verify_rows: int = 16
+    # Score base and merged perplexity on the run's held-out rows (merge_report.json and model card).
+    perplexity: bool = True
+    batch_size: int = 16
+    # Written to the bundle's generation_config.json.
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    # Model card licence; null: derived from the base model's and the data's licences where known.
+    license: Optional[str] = None
+    export_onnx: bool = False
+    # A hub repo id to upload the bundle to (only when given; needs `huggingface-cli login`).
+    push_to_hub: Optional[str] = None
+    private: bool = True
+
+
+@dataclass
+class SlidingConfig:
+    enabled: bool = True
+    # Tokens per window; null: the model's context length.
+    window: Optional[int] = None
+    # Tokens between window starts (each window scores only its last `stride` tokens); null: window // 2.
+    stride: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """convobot-eval (conf/commands/eval.yaml)."""
+    # A merged bundle / model folder, a run dir or a run's adapter/.
+    model: Optional[str] = None
+    run_dir: Optional[str] = None
+    # A conf/data name or a data file; null: the run's heldout.jsonl.
+    data: Optional[str] = None
+    # Score several models of run_dir side by side: any of base, adapter, merged.
+    compare: list[str] = field(default_factory=list)
+    max_rows: Optional[int] = None
+    # Tokens kept per row; null: the run's / data config's data.max_length (capped at the context).
+    max_length: Optional[int] = None
+    batch_size: int = 16
+    sliding: SlidingConfig = field(default_factory=SlidingConfig)
+    # Largest relative perplexity difference allowed between adapter and merged models.
+    tolerance: float = 1e-4
+    # Also write the report as JSON here.
+    output: Optional[str] = None
+
+
+@dataclass
+class ExportConfig:
+    """convobot-export-onnx (conf/commands/export.yaml)."""
+    # A merged bundle (config.json + model.safetensors), e.g. from convobot-merge.
+    model: str = MISSING
+    # null: <model>/onnx, inside the bundle (its SHA256SUMS and merge_report.json are refreshed).
+    output_dir: Optional[str] = None
+    overwrite: bool = False
+    tolerance: float = 1e-4
+    # null: the exporter's default opset.
+    opset: Optional[int] = None
+
+
+@dataclass
+class ChatConfig:
+    """convobot-chat (conf/commands/chat.yaml)."""
+    model: str = MISSING
+    # One instruction to answer, then exit; null: an interactive session.
+    prompt: Optional[str] = None
+    # The Alpaca input that goes with `prompt` (optional).
+    input: str = ""
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    seed: int = 0
+    # auto: cuda if available, else cpu.
+    device: Device = Device.auto
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def validate(cfg: DictConfig | dict, schema: type = TrainConfig):
+    """Check a composed config against `schema` and return it as a typed object.
 
     Raises ConfigError naming the offending key.
     """
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"])
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-        typed: TrainConfig = OmegaConf.to_object(merged)
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"config key '{err.full_key}': {err.full_key}=... is required") from err
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
-    _check_ranges(typed)
+    if isinstance(typed, TrainConfig):
+        _check_ranges(typed)
     return typed
 
 
@@ -239,10 +336,18 @@ def to_container(cfg: TrainConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose `conf/` with Hydra's compose API (tests, notebooks, scripts)."""
+def compose(overrides: list[str] | None = None, config_name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose `conf/` (or `conf/commands/`) with Hydra's compose API (tests, notebooks, scripts)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+COMMAND_SCHEMAS = {"merge": MergeConfig, "eval": EvalConfig, "export": ExportConfig, "chat": ChatConfig}
+
+
+def compose_command(name: str, overrides: list[str] | None = None):
+    """A release command's config from conf/commands/<name>.yaml, composed as its CLI does and validated."""
+    return validate(compose(overrides, name, COMMANDS_CONF_DIR), COMMAND_SCHEMAS[name])

@@ -14,6 +14,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from convobot.config import BadRowPolicy, DataConfig, DataSource
+from convobot.errors import DataError
 from convobot.tasks import generate_rows
 from convobot.template import format_example
 
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 FIELDS = ("instruction", "input", "output")
 REQUIRED_NONEMPTY = ("instruction", "output")
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file and the row."""
 
 
 @dataclass

@@ -22,10 +22,6 @@ from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 

@@ -16,59 +16,26 @@ heldout.jsonl is used (a bundle remembers its run in merge_report.json).
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from datasets import Dataset
-from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from convobot import data, io, metrics
-from convobot.config import CONF_DIR, ConfigError, DataConfig, DataSource, PeftMethod
-from convobot.merge import (COMMANDS_CONF_DIR, REPORT, MergeVerificationError, ModelPathError, Run, load_base,
-                            load_model, load_trained, open_run, run_command)
-from convobot.modeling import load_tokenizer
+from convobot import atomic, data, metrics
+from convobot.cli import run_command
+from convobot.config import COMMANDS_CONF_DIR, CONF_DIR, DataConfig, DataSource, EvalConfig, PeftMethod
+from convobot.errors import ConfigError, DataError, ModelPathError, VerificationError
 from convobot.generate import context_length
+from convobot.modeling import load_tokenizer
+from convobot.rundir import HELDOUT, RunDir, load_base, load_model, load_trained, open_run, run_behind
 from convobot.template import format_example
 
 MODELS = ("base", "adapter", "merged")
-
-
-@dataclass
-class SlidingConfig:
-    enabled: bool = True
-    # Tokens per window; null: the model's context length.
-    window: Optional[int] = None
-    # Tokens between window starts (each window scores only its last `stride` tokens); null: window // 2.
-    stride: Optional[int] = None
-
-
-@dataclass
-class EvalConfig:
-    # A merged bundle / model folder, a run dir or a run's adapter/.
-    model: Optional[str] = None
-    run_dir: Optional[str] = None
-    # A conf/data name or a data file; null: the run's heldout.jsonl.
-    data: Optional[str] = None
-    # Score several models of run_dir side by side: any of base, adapter, merged.
-    compare: list[str] = field(default_factory=list)
-    max_rows: Optional[int] = None
-    # Tokens kept per row; null: the run's / data config's data.max_length (capped at the context).
-    max_length: Optional[int] = None
-    batch_size: int = 16
-    sliding: SlidingConfig = field(default_factory=SlidingConfig)
-    # Largest relative perplexity difference allowed between adapter and merged models.
-    tolerance: float = 1e-4
-    # Also write the report as JSON here.
-    output: Optional[str] = None
-
-
-ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 @dataclass
@@ -78,26 +45,16 @@ class HeldOut:
     source: str
 
 
-def find_run(cfg: EvalConfig) -> Run | None:
+def find_run(cfg: EvalConfig) -> RunDir | None:
     """The run behind the evaluation: run_dir, or `model` if it is a run dir / adapter / bundle of one."""
     if cfg.run_dir:
         return open_run(cfg.run_dir)
     if not cfg.model:
         raise ModelPathError("nothing to evaluate: pass model=<bundle or run dir> or run_dir=<run dir>")
-    path = Path(cfg.model)
-    if not path.exists():
-        raise ModelPathError(f"model path {path} does not exist")
-    if (path / "adapter_config.json").is_file():
-        path = path.parent
-    if (path / "config.yaml").is_file():
-        return open_run(path)
-    if (path / REPORT).is_file():  # a bundle: its run, if that is still around
-        run_dir = Path(json.loads((path / REPORT).read_text())["run_dir"])
-        return open_run(run_dir) if run_dir.is_dir() else None
-    return None
+    return run_behind(cfg.model)
 
 
-def held_out(cfg: EvalConfig, run: Run | None) -> HeldOut:
+def held_out(cfg: EvalConfig, run: RunDir | None) -> HeldOut:
     """The prompt/completion pairs to score, the row length to score them at, and their origin."""
     if cfg.data and Path(cfg.data).suffix.lower() in data.LOCAL_BUILDERS:
         rows, _ = data.load_rows(DataConfig(name="local", source=DataSource.local, path=cfg.data))
@@ -105,7 +62,7 @@ def held_out(cfg: EvalConfig, run: Run | None) -> HeldOut:
     elif cfg.data:
         found = _held_out_split(cfg.data)
     elif run is not None:
-        found = HeldOut(run.heldout_pairs(), run.config.data.max_length, str(run.path / "heldout.jsonl"))
+        found = HeldOut(run.heldout_pairs(), run.config.data.max_length, str(run.path / HELDOUT))
     else:
         raise ModelPathError(f"no held-out data for {cfg.model}: pass data=<conf/data name or file> or run_dir=<run>")
     if cfg.max_rows is not None:
@@ -119,7 +76,7 @@ def _held_out_split(name: str) -> HeldOut:
     path = CONF_DIR / "data" / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise data.DataError(f"data={name}: neither a data file (.json/.jsonl/.csv/.parquet) nor a conf/data "
+        raise DataError(f"data={name}: neither a data file (.json/.jsonl/.csv/.parquet) nor a conf/data "
                              f"config (one of {names})")
     config: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
     rows, _ = data.load_rows(config)
@@ -145,7 +102,7 @@ def score(model, tokenizer, heldout: HeldOut, cfg: EvalConfig) -> dict:
     return result | {"max_length": max_length}
 
 
-def models_to_score(cfg: EvalConfig, run: Run | None):
+def models_to_score(cfg: EvalConfig, run: RunDir | None):
     """(label, loader) pairs; each model is loaded only when its turn comes, to hold one at a time."""
     if not cfg.compare:
         path = cfg.model or cfg.run_dir
@@ -183,7 +140,7 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
                                                             cfg.tolerance)
     print_table(report, console)
     if cfg.output:
-        io.write_json(Path(cfg.output), report)
+        atomic.write_json(Path(cfg.output), report)
     return report
 
 
@@ -193,7 +150,7 @@ def check_same_perplexity(adapter: dict, merged: dict, tolerance: float) -> dict
                    for kind in ("full", "response", "sliding") if kind in adapter}
     worst = max(differences, key=differences.get)
     if not differences[worst] <= tolerance:
-        raise MergeVerificationError(f"adapter and merged {worst} perplexity differ by {differences[worst]:.3g} "
+        raise VerificationError(f"adapter and merged {worst} perplexity differ by {differences[worst]:.3g} "
                                      f"(relative) > tolerance {tolerance:g}")
     return {"max_relative_difference": differences[worst], "tolerance": tolerance}
 
@@ -218,7 +175,7 @@ def print_table(report: dict, console: Console) -> None:
 @hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="eval", version_base="1.3")
 def main(raw) -> None:
     """Hydra entry point: `convobot-eval model=... | run_dir=... [data=...] [compare=[base,adapter,merged]]`."""
-    run_command("convobot-eval", evaluate, raw)
+    run_command("convobot-eval", EvalConfig, evaluate, raw)
 
 
 if __name__ == "__main__":

@@ -5,30 +5,28 @@ Examples:
     convobot-export-onnx model=outputs/demo/release output_dir=onnx/demo
     convobot-merge run_dir=outputs/demo output_dir=release/demo export_onnx=true   # the same, while merging
 
-optimum is the usual exporter, but no optimum release exports ONNX with transformers 5.x
-(STACK.md §1), so this uses torch.onnx.export's dynamo exporter (needs onnxscript). The graph maps
+optimum is the usual exporter, but no optimum release exports ONNX with transformers 5.x (optimum 2.x has
+no ONNX exporter; optimum-onnx requires transformers < 4.58), so this uses torch.onnx.export's dynamo
+exporter (needs onnxscript). The graph maps
 input_ids and attention_mask (batch and sequence length dynamic) to the logits of every position,
 without a KV cache. Exporting into a bundle refreshes its SHA256SUMS and merge_report.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 from rich.console import Console
 
-from convobot import io, metrics
-from convobot.merge import (CHECKSUMS, COMMANDS_CONF_DIR, REPORT, ModelPathError, check_logits_match, load_model,
-                            real_token_logits, run_command, write_checksums)
+from convobot import atomic, bundle, metrics
+from convobot.cli import run_command
+from convobot.config import COMMANDS_CONF_DIR, ExportConfig
+from convobot.errors import ModelPathError
+from convobot.rundir import load_model
 from convobot.template import format_prompt
 
 INPUTS = ("input_ids", "attention_mask")
@@ -82,7 +80,7 @@ def onnx_vs_torch(path: Path, model, inputs: dict[str, torch.Tensor], tolerance:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {name: inputs[name].numpy() for name in INPUTS})
     onnx_logits = torch.from_numpy(logits)[inputs["attention_mask"].bool()]
-    return check_logits_match(real_token_logits(model, inputs), onnx_logits, tolerance,
+    return metrics.check_logits_match(metrics.real_token_logits(model, inputs), onnx_logits, tolerance,
                               f"onnxruntime ({path.name}) vs PyTorch, shape {list(inputs['input_ids'].shape)}")
 
 
@@ -97,38 +95,19 @@ def example_batch(tokenizer) -> dict[str, torch.Tensor]:
     return {name: batch[name] for name in INPUTS}
 
 
-@dataclass
-class ExportConfig:
-    # A merged bundle (config.json + model.safetensors), e.g. from convobot-merge.
-    model: str = MISSING
-    # null: <model>/onnx, inside the bundle (its SHA256SUMS and merge_report.json are refreshed).
-    output_dir: Optional[str] = None
-    overwrite: bool = False
-    tolerance: float = 1e-4
-    # null: the exporter's default opset.
-    opset: Optional[int] = None
-
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
-
-
 def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     """Export a bundle to ONNX with a parity check; written atomically."""
     console = console or Console()
-    bundle = Path(cfg.model)
-    if not (bundle / "config.json").is_file():
-        raise ModelPathError(f"{bundle} is not a merged model folder (no config.json); "
+    folder = Path(cfg.model)
+    if not (folder / "config.json").is_file():
+        raise ModelPathError(f"{folder} is not a merged model folder (no config.json); "
                              "export the bundle convobot-merge writes, not a run dir or an adapter")
-    model, tokenizer = load_model(bundle)
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else bundle / "onnx"
-    with io.atomic_dir(output_dir, overwrite=cfg.overwrite) as tmp:
+    model, tokenizer = load_model(folder)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "onnx"
+    with atomic.directory(output_dir, overwrite=cfg.overwrite) as tmp:
         result = export_onnx(model, tmp, example_batch(tokenizer), cfg.tolerance, cfg.opset)
-    inside_bundle = output_dir.resolve().parent == bundle.resolve()
-    if inside_bundle and (bundle / REPORT).is_file():
-        report = json.loads((bundle / REPORT).read_text())
-        io.write_json(bundle / REPORT, report | {"onnx": result})
-    if inside_bundle and (bundle / CHECKSUMS).is_file():
-        write_checksums(bundle)
+    if output_dir.resolve().parent == folder.resolve():
+        bundle.add_export(folder, "onnx", result)
     console.print(f"{output_dir / result['file']}: onnxruntime matches PyTorch to max |logit diff| "
                   f"{result['max_abs_logit_diff']:.2e} (tolerance {cfg.tolerance:g}) on shapes {result['checked_shapes']}")
     return result
@@ -137,7 +116,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
 @hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="export", version_base="1.3")
 def main(raw) -> None:
     """Hydra entry point: `convobot-export-onnx model=<bundle> [output_dir=...] [overwrite=true]`."""
-    run_command("convobot-export-onnx", export, raw)
+    run_command("convobot-export-onnx", ExportConfig, export, raw)
 
 
 if __name__ == "__main__":

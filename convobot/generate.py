@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from threading import Thread
 from typing import Iterator
 
 import torch
 from transformers import GenerationConfig, TextIteratorStreamer
 
+from convobot.config import GenerationOptions
 from convobot.template import format_prompt
 
 
@@ -46,15 +47,6 @@ def answer(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_s
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
-
-
-@dataclass
-class GenerationOptions:
-    """Sampling settings for chat and for a release bundle's generation_config.json (temperature 0 = greedy)."""
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
 
 
 def stream_answer(model, tokenizer, instruction: str, input: str = "",

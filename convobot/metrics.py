@@ -1,4 +1,5 @@
-"""Perplexity, throughput, peak memory and versions: the numbers train, eval and compare report."""
+"""The numbers train, merge, eval and export report: perplexity (whole rows, response only, sliding windows),
+the logit comparisons that verify a merged or exported model, peak memory, and package versions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from importlib import metadata
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+
+from convobot.errors import VerificationError
 
 IGNORE_INDEX = -100
 
@@ -121,6 +124,28 @@ def sliding_window_perplexity(model, input_ids: list[int], window: int, stride: 
     rows = sliding_windows(input_ids, window, stride)
     return perplexity(model, rows, pad_token_id, batch_size) | {"window": window, "stride": stride,
                                                                   "windows": len(rows)}
+
+
+def probe_batch(pairs: Dataset, tokenizer, rows: int, max_length: int) -> dict[str, torch.Tensor]:
+    """A padded batch of whole held-out rows (prompt + response) for the logit comparisons."""
+    scored = tokenize_for_scoring(pairs.select(range(min(rows, len(pairs)))), tokenizer, max_length, False)
+    batch = pad_batch(scored, tokenizer.pad_token_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def real_token_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the non-padding positions only (padding positions carry no meaning)."""
+    logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()]
+
+
+def check_logits_match(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float, what: str) -> float:
+    """Max |reference - candidate|; raises VerificationError naming `what` above `tolerance`."""
+    diff = (reference - candidate).abs().max().item()
+    if not diff <= tolerance:  # also catches NaN
+        raise VerificationError(f"{what}: logits differ by max |diff| = {diff:.3g} > tolerance {tolerance:g}")
+    return diff
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:

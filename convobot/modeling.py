@@ -1,4 +1,4 @@
-"""Base model and tokenizer (hub or tiny), and LoRA wrapping with its checks."""
+"""Base model and tokenizer (hub or tiny), the device and dtype they train in, and LoRA wrapping with its checks."""
 
 from __future__ import annotations
 
@@ -9,15 +9,28 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from convobot.config import ModelConfig, ModelSource, PeftConfig, PeftMethod
+from convobot.config import Device, ModelConfig, ModelSource, PeftConfig, PeftMethod, Precision
+from convobot.errors import AdapterError, ConfigError
 
 log = logging.getLogger(__name__)
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 
 
-class AdapterError(RuntimeError):
-    """The adapter would not train anything (no target matched, or zero trainable parameters)."""
+def resolve_device(requested: Device, key: str = "hardware.device", require: bool = True) -> torch.device:
+    """`auto`: cuda if a GPU is visible, else cpu. `require=False` names a device without checking it is here
+    (planning memory for a card this machine does not have)."""
+    if requested == Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if require and requested == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError(f"config key '{key}': {key}=cuda but no CUDA device is visible; use {key}=cpu")
+    return torch.device(requested.value)
+
+
+def base_dtype(precision: Precision, method: PeftMethod) -> torch.dtype:
+    """LoRA under fp16 keeps a frozen fp16 base (half the memory); full fine-tuning needs fp32 weights,
+    and bf16 autocasts from fp32 weights."""
+    return torch.float16 if precision == Precision.fp16 and method == PeftMethod.lora else torch.float32
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:

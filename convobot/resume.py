@@ -19,8 +19,9 @@ from pathlib import Path
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import sort_checkpoints
 
-from convobot import io
-from convobot.config import ConfigError
+from convobot import atomic
+from convobot.errors import ConfigError
+from convobot.rundir import CHECKPOINTS, METRICS_LOG, SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def find_checkpoint(resume: bool | str, run_dir: Path) -> Path | None:
     if resume is False:
         return None
     if resume is True or resume == "auto":
-        found = newest_checkpoint(run_dir / "checkpoints")
+        found = newest_checkpoint(run_dir / CHECKPOINTS)
         if found is None and resume is True:
             raise ConfigError(
                 f"config key 'resume': resume=true but {run_dir / 'checkpoints'} holds no complete checkpoint-N; "
@@ -60,7 +61,7 @@ def find_checkpoint(resume: bool | str, run_dir: Path) -> Path | None:
     path = Path(resume).expanduser()
     if is_complete(path):
         return path
-    found = newest_checkpoint(path / "checkpoints") or newest_checkpoint(path)
+    found = newest_checkpoint(path / CHECKPOINTS) or newest_checkpoint(path)
     if found is None:
         raise ConfigError(f"config key 'resume': {path} is neither a checkpoint-N folder with {STATE_FILE} "
                           "nor a run dir with complete checkpoints in checkpoints/")
@@ -97,13 +98,13 @@ def rewind_run_dir(run_dir: Path, step: int) -> None:
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    for path in sort_checkpoints(str(run_dir / "checkpoints")):
+    for path in sort_checkpoints(str(run_dir / CHECKPOINTS)):
         if not is_complete(Path(path)):
             log.warning("removing %s: interrupted while saving", path)
             shutil.rmtree(path)
-    for jsonl in [run_dir / "metrics.jsonl", *sorted(run_dir.glob("samples/rank*.jsonl"))]:
+    for jsonl in [run_dir / METRICS_LOG, *sorted((run_dir / SAMPLES).glob("rank*.jsonl"))]:
         if jsonl.is_file():
-            io.write_jsonl(jsonl, [row for row in _complete_lines(jsonl) if row.get("step", 0) <= step])
+            atomic.write_jsonl(jsonl, [row for row in _complete_lines(jsonl) if row.get("step", 0) <= step])
 
 
 def _complete_lines(path: Path) -> list[dict]:

@@ -19,7 +19,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from convobot import compare, io
+from convobot import atomic, compare
+from convobot.errors import CompareError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             runs = compare.load_runs([sweep_dir])
-        except compare.CompareError as err:
+        except CompareError as err:
             log.warning("no sweep summary: %s", err)
             return
         summary = compare.write_report(runs, sweep_dir, "summary.md", f"sweep {sweep_dir}")
@@ -42,6 +43,6 @@ class SweepSummary(Callback):
         if optuna.is_file():  # the Optuna sweeper's best trial, appended to the summary
             best = OmegaConf.load(optuna)
             params = " ".join(f"{key}={value}" for key, value in best.best_params.items())
-            io.write_text(summary, summary.read_text()
+            atomic.write_text(summary, summary.read_text()
                           + f"\n## Optuna best trial\n\neval loss {best.best_value:.4f} with `{params}`\n")
         log.info("sweep summary: %s (%d jobs)", summary, len(runs))

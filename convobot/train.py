@@ -18,35 +18,29 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Iterable
 
+import datasets
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-import datasets
-from transformers import set_seed
+from omegaconf import DictConfig
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from convobot import attention, cpu_memory, data, distributed, io, loss_head, metrics, modeling, plan, resume
+from convobot import attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
-from convobot.config import (CONF_DIR, ConfigError, DataSource, Device, LossHead, PeftMethod, Precision, TrainConfig,
-                             to_container, validate)
+from convobot.cli import one_line_errors
+from convobot.config import CONF_DIR, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
 from convobot.generate import answer
 from convobot.optim import OptimizerChoice, describe_optimizer, resolve_optimizer
-from convobot.summary import print_summary
+from convobot.plan import check_fits
+from convobot.results import print_results
 from convobot.tasks import exact_match
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.hardware.device == Device.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.hardware.device == Device.cuda and not torch.cuda.is_available():
-        raise RuntimeError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-    return torch.device(cfg.hardware.device.value)
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
@@ -61,7 +55,7 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
     """TRL's SFTConfig from the composed config (SFTConfig itself stays out of Hydra)."""
     hw, loop = cfg.hardware, cfg.train
     return SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / rundir.CHECKPOINTS),
         seed=cfg.seed,
         num_train_epochs=loop.epochs,
         max_steps=loop.max_steps,
@@ -119,7 +113,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
                   dataset: data.InstructionData) -> tuple[SFTTrainer, OptimizerChoice]:
     """The model (base, dropout, LoRA), the optimizer and TRL's SFTTrainer for `cfg`: what `run` trains and
     benchmarks/train_throughput.py times."""
-    base = modeling.load_base_model(cfg.model, tokenizer, plan.base_dtype(precision, cfg.peft.method))
+    base = modeling.load_base_model(cfg.model, tokenizer, modeling.base_dtype(precision, cfg.peft.method))
     modeling.prepare_for_training(base, cfg.model)
     if cfg.train.packing:
         attention.attend_row_by_row(base)  # the block-diagonal mask's maths, without its masked blocks
@@ -147,20 +141,21 @@ def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> 
     return scores
 
 
-def run(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Train one experiment into `run_dir` and return its metrics (also written to metrics.json)."""
+def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = ()) -> dict:
+    """Train one experiment into `run_dir` and return its metrics (also written to metrics.json).
+    `callbacks` join the Trainer's (benchmarks and tests read memory and state through them)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = resume.find_checkpoint(cfg.resume, run_dir)  # before any work: a wrong path fails at once
     started = time.perf_counter()
     datasets.disable_progress_bars()  # one bar for the run: training
     set_seed(cfg.seed)
-    device = resolve_device(cfg)
+    device = modeling.resolve_device(cfg.hardware.device)
     precision = resolve_precision(cfg, device)
     if device.type == "cpu" and cfg.hardware.tune_malloc:
         cpu_memory.keep_freed_memory()
     if device.type == "cuda":  # refuse what the card cannot hold before loading anything (convobot-plan)
-        plan.check_fits(cfg, device.type, precision)
+        check_fits(cfg, device.type, precision)
 
     # --- setup: data, model, optimizer
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
@@ -172,19 +167,18 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         resume.check_unfinished(trainer, checkpoint)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossAndThroughputProgress())
-    trainer.add_callback(MetricsJsonl(run_dir / "metrics.jsonl"))
+    trainer.add_callback(MetricsJsonl(run_dir / rundir.METRICS_LOG))
     if cfg.train.log_samples:
-        trainer.add_callback(distributed.SampleLog(run_dir / "samples"))
+        trainer.add_callback(distributed.SampleLog(run_dir / rundir.SAMPLES))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     is_main = trainer.is_world_process_zero()
     if is_main:
-        io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
-        io.write_jsonl(run_dir / "heldout.jsonl", dataset.eval_rows)
-        if cfg.model.source.value == "tiny":
+        rundir.write_config(run_dir, cfg)
+        rundir.write_heldout(run_dir, dataset.eval_rows)
+        if cfg.model.source == ModelSource.tiny:
             # A random-init base cannot be re-downloaded: keep it so the adapter can be merged later.
-            with io.atomic_dir(run_dir / "base_model", overwrite=True) as tmp:
-                base_copy = modeling.load_base_model(cfg.model, tokenizer)
-                base_copy.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+            rundir.save_model(run_dir / rundir.BASE_MODEL, modeling.load_base_model(cfg.model, tokenizer), tokenizer)
 
     before = score(trainer.model, tokenizer, dataset, cfg) if cfg.report.before and is_main else {}
 
@@ -199,10 +193,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
 
     # --- save (main process only; written to a temp folder, then renamed)
     if is_main:
-        artefact = "adapter" if cfg.peft.method == PeftMethod.lora else "model"
-        with io.atomic_dir(run_dir / artefact, overwrite=True) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        rundir.save_model(run_dir / rundir.weights_dirname(cfg.peft.method), trainer.model, tokenizer)
 
     # --- score
     after = score(trainer.model, tokenizer, dataset, cfg) if is_main else {}
@@ -238,31 +229,23 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         "versions": metrics.versions(),
     }
     if is_main:
-        io.write_json(run_dir / "metrics.json", results)
+        rundir.write_metrics(run_dir, results)
         samples = dataset.eval_rows[:cfg.report.samples]
         generations = answer(trainer.model, tokenizer, samples, cfg.report.max_new_tokens) if samples else []
-        print_summary(results, run_dir, list(zip(samples, generations)))
+        print_results(results, run_dir, list(zip(samples, generations)))
     return results
-
-
-# Mistakes in what the user asked for: one line naming the key, file or row, not a traceback.
-USER_ERRORS = (ConfigError, data.DataError, modeling.AdapterError, plan.PlanError)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> float:
     """Hydra entry point: `convobot-train [overrides]`. Returns eval loss (the sweep objective)."""
     hydra_cfg = HydraConfig.get()
-    try:
+    with one_line_errors("convobot-train", reraise=hydra_cfg.mode == RunMode.MULTIRUN):
         cfg = validate(raw)
         # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
-        run_dir = distributed.shared_run_dir(Path(hydra_cfg.runtime.output_dir), resolve_device(cfg).type == "cpu",
-                                             cfg.train.ddp_backend)
+        use_cpu = modeling.resolve_device(cfg.hardware.device).type == "cpu"
+        run_dir = distributed.shared_run_dir(Path(hydra_cfg.runtime.output_dir), use_cpu, cfg.train.ddp_backend)
         results = run(cfg, run_dir)
-    except USER_ERRORS as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweeper records which job failed, and why
-        raise SystemExit(f"convobot-train: {type(err).__name__}: {err}") from err
     return results.get("eval_loss", float("nan"))
 
 

@@ -1,16 +1,18 @@
 """Streaming chat on a merged bundle and on a run dir with an adapter."""
 
 import copy
-import io as text_io
+import io
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_merge import compose_command, smoke_release  # noqa: F401  (shared module-scoped smoke run)
 
-from convobot.chat import ChatConfig, chat, repl
-from convobot.generate import GenerationOptions, answer, stream_answer
-from convobot.merge import ModelPathError, load_model, run_command
+from convobot.chat import chat, repl
+from convobot.cli import run_command
+from convobot.config import ChatConfig, GenerationOptions
+from convobot.errors import ModelPathError
+from convobot.generate import answer, stream_answer
+from convobot.rundir import load_model
 from convobot.template import format_prompt
 
 GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
@@ -18,13 +20,13 @@ ROW = {"instruction": "Reverse the order of the words.", "input": "apple bird ca
 
 
 def one_shot(model_path, options=GREEDY) -> tuple[str, str]:
-    out = text_io.StringIO()
+    out = io.StringIO()
     text = chat(ChatConfig(model=str(model_path), prompt=ROW["instruction"], input=ROW["input"], generation=options),
                 out=out)
     return text, out.getvalue()
 
 
-def test_chat_config_composes_with_the_cli_defaults():
+def test_chat_config_composes_with_the_cli_defaults(compose_command):
     cfg = compose_command("chat", "model=m", "prompt=Give three tips for staying healthy.")
     assert cfg.prompt == "Give three tips for staying healthy." and cfg.generation.max_new_tokens == 128
 
@@ -71,7 +73,7 @@ def test_generation_stops_at_eos(smoke_release):
 def test_repl_answers_until_exit(smoke_release):
     model, tokenizer = load_model(smoke_release.release)
     lines = iter([f"{ROW['instruction']} || {ROW['input']}", "What is 2 plus 3?", "exit", "never read"])
-    out = text_io.StringIO()
+    out = io.StringIO()
     assert repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out) == 2
     assert out.getvalue().count("bot> ") == 2
     assert next(lines) == "never read"
@@ -89,4 +91,4 @@ def test_bad_paths_give_clear_errors(smoke_release, tmp_path):
     with pytest.raises(ModelPathError, match="is not a model"):
         chat(ChatConfig(model=str(tmp_path), prompt="hi"))
     with pytest.raises(SystemExit, match="convobot-chat: ModelPathError: .* is not a model"):
-        run_command("convobot-chat", chat, OmegaConf.structured(ChatConfig(model=str(tmp_path), prompt="hi")))
+        run_command("convobot-chat", ChatConfig, chat, OmegaConf.structured(ChatConfig(model=str(tmp_path), prompt="hi")))

@@ -7,6 +7,7 @@ import pytest
 from matplotlib.image import imread
 
 from convobot import compare
+from convobot.errors import CompareError, RunDirError
 from convobot.train import run
 
 
@@ -85,18 +86,17 @@ def test_labels_are_the_overrides_that_differ(tmp_path, two_runs):
     assert runs[0].overrides == ["experiment=smoke", "peft=lora"]  # hydra.* left out
 
 
-def test_bad_paths_are_named(tmp_path, two_runs, capsys):
-    with pytest.raises(SystemExit) as exited:
+def test_bad_paths_are_named(tmp_path, two_runs):
+    with pytest.raises(SystemExit, match="convobot-compare: CompareError: .*missing: no such directory"):
         compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
-    assert exited.value.code == 2 and "missing: no such directory" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(compare.CompareError, match="empty: no metrics.json"):
+    with pytest.raises(CompareError, match="empty: no metrics.json"):
         compare.load_runs([empty])
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "metrics.json").write_text("{not json")
-    with pytest.raises(compare.CompareError, match="broken/metrics.json: not valid JSON"):
+    with pytest.raises(RunDirError, match="broken/metrics.json: not valid JSON"):
         compare.load_runs([broken])
     out = tmp_path / "taken"
     out.mkdir()

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from convobot.config import CONF_DIR, ConfigError, PeftMethod, compose, validate
+from convobot.config import CONF_DIR, PeftMethod, compose, validate
+from convobot.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 TRAIN_GROUPS = ("model", "data", "peft", "optim", "hardware")

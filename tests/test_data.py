@@ -3,7 +3,8 @@ import json
 import pytest
 
 from convobot.config import DataConfig
-from convobot.data import DataError, load_rows, prepare
+from convobot.data import load_rows, prepare
+from convobot.errors import DataError
 from convobot.modeling import load_tokenizer
 
 GOOD = {"instruction": "Add the numbers.", "input": "2 + 2", "output": "4"}

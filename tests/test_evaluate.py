@@ -1,22 +1,21 @@
 """Perplexity reports: sliding windows, held-out data sources, and base vs adapter vs merged."""
 
-import io as text_io
+import io
 import json
 import math
 
 import pytest
 from rich.console import Console
-from test_merge import compose_command, smoke_release  # noqa: F401  (shared module-scoped smoke run)
 
 from convobot import metrics
-from convobot.config import ConfigError
-from convobot.data import DataError
-from convobot.evaluate import EvalConfig, SlidingConfig, check_same_perplexity, evaluate
-from convobot.merge import MergeVerificationError, ModelPathError, load_model, open_run
+from convobot.config import EvalConfig, SlidingConfig
+from convobot.errors import ConfigError, DataError, ModelPathError, VerificationError
+from convobot.evaluate import check_same_perplexity, evaluate
+from convobot.rundir import load_model, open_run
 
 
 def quiet_evaluate(**options) -> dict:
-    return evaluate(EvalConfig(**options), console=Console(file=text_io.StringIO()))
+    return evaluate(EvalConfig(**options), console=Console(file=io.StringIO()))
 
 
 @pytest.mark.parametrize("length, window, stride", [(10, 4, 1), (37, 8, 3), (64, 16, 8), (65, 16, 15), (5, 16, 8)])
@@ -90,11 +89,11 @@ def test_adapter_and_merged_must_agree():
     close = {kind: {"perplexity": 10.0} for kind in ("full", "response")}
     assert check_same_perplexity(close, close, 1e-4)["max_relative_difference"] == 0
     apart = {"full": {"perplexity": 10.0}, "response": {"perplexity": 10.1}}
-    with pytest.raises(MergeVerificationError, match="response perplexity differ by 0.01"):
+    with pytest.raises(VerificationError, match="response perplexity differ by 0.01"):
         check_same_perplexity(close, apart, 1e-4)
 
 
-def test_eval_config_and_bad_input_errors(smoke_release, tmp_path):
+def test_eval_config_and_bad_input_errors(smoke_release, tmp_path, compose_command):
     assert compose_command("eval", "model=m", "compare=[base,merged]").compare == ["base", "merged"]
     with pytest.raises(ModelPathError, match="does not exist"):
         quiet_evaluate(model=str(tmp_path / "missing"))

@@ -1,7 +1,7 @@
 """ONNX export of a merged bundle, checked against PyTorch with onnxruntime (one export, reused)."""
 
 import copy
-import io as text_io
+import io
 import json
 import shutil
 from types import SimpleNamespace
@@ -9,12 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from rich.console import Console
-from test_merge import compose_command, smoke_release  # noqa: F401  (shared module-scoped smoke run)
 
-from convobot.export import ExportConfig, export, onnx_vs_torch
-from convobot.merge import CHECKSUMS, REPORT, MergeVerificationError, ModelPathError, checksum_mismatches, load_model
+from convobot.bundle import CHECKSUMS, REPORT, checksum_mismatches
+from convobot.config import ExportConfig
+from convobot.errors import ModelPathError, VerificationError
+from convobot.export import export, onnx_vs_torch
+from convobot.rundir import load_model
 
 onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def files_of(folder) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def bundle(smoke_release, tmp_path_factory):
     """A copy of the shared bundle (the export adds to it), with onnx/ added by convobot-export-onnx
     (the dynamo export takes 5-10 s: done once, reused by every test here)."""
     copy = shutil.copytree(smoke_release.release, tmp_path_factory.mktemp("export") / "bundle")
-    result = export(ExportConfig(model=str(copy)), console=Console(file=text_io.StringIO()))
+    result = export(ExportConfig(model=str(copy)), console=Console(file=io.StringIO()))
     return SimpleNamespace(path=copy, onnx=copy / "onnx" / result["file"], result=result)
 
 
@@ -63,25 +69,23 @@ def test_parity_check_catches_a_model_that_differs(bundle):
     tampered.transformer.h[0].attn.c_attn.weight.data[0, :] += 0.5
     inputs = {"input_ids": torch.randint(1, 500, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
     assert onnx_vs_torch(bundle.onnx, model, inputs, 1e-4) <= 1e-4
-    with pytest.raises(MergeVerificationError, match=r"onnxruntime \(model.onnx\) vs PyTorch.*> tolerance"):
+    with pytest.raises(VerificationError, match=r"onnxruntime \(model.onnx\) vs PyTorch.*> tolerance"):
         onnx_vs_torch(bundle.onnx, tampered, inputs, 1e-4)
 
 
-def test_export_refuses_overwrite_and_non_bundles(bundle, smoke_release):
+def test_export_refuses_overwrite_and_non_bundles(bundle, smoke_release, compose_command):
     assert compose_command("export", "model=m").output_dir is None
-    quiet = Console(file=text_io.StringIO())
+    quiet = Console(file=io.StringIO())
     with pytest.raises(FileExistsError, match="overwrite=true"):
         export(ExportConfig(model=str(bundle.path)), console=quiet)
     with pytest.raises(ModelPathError, match="not a merged model folder"):
         export(ExportConfig(model=str(smoke_release.run_dir)), console=quiet)
 
 
-def test_merge_can_export_while_merging(smoke_release, tmp_path):
-    from test_merge import BUNDLE_FILES, quiet_merge
-
+def test_merge_can_export_while_merging(smoke_release, tmp_path, quiet_merge):
     report = quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "bundle"), perplexity=False,
                          export_onnx=True)
     files = {p.relative_to(tmp_path / "bundle").as_posix() for p in (tmp_path / "bundle").rglob("*") if p.is_file()}
-    assert files == BUNDLE_FILES | {"onnx/model.onnx", "onnx/model.onnx.data"}
+    assert files == files_of(smoke_release.release) | {"onnx/model.onnx", "onnx/model.onnx.data"}
     assert report["onnx"]["max_abs_logit_diff"] <= 1e-4 and report["onnx"]["checked_shapes"][0][0] == 16
     assert checksum_mismatches(tmp_path / "bundle") == []  # the sums were written after the export

@@ -1,74 +1,32 @@
 """Merging a smoke run into a release bundle, and each merge check failing when it should.
 
-`smoke_release` (a LoRA smoke run and its merged bundle) and `compose_command` are shared with
-test_evaluate, test_export and test_chat, which import them from here.
+The shared LoRA smoke run and its bundle (`smoke_release`) come from conftest.py.
 """
 
-import functools
-import io as text_io
+import io
 import re
 import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from convobot import io
-from convobot.config import compose, to_container, validate
-from convobot.merge import (CHECKSUMS, COMMANDS_CONF_DIR, REPORT, MergeConfig, MergeVerificationError,
-                            ModelPathError, check_fp32, checksum_mismatches, load_model, merge, open_run,
-                            push_to_hub, run_command)
-from convobot.train import run
+from convobot.bundle import CHECKSUMS, REPORT, checksum_mismatches, push_to_hub
+from convobot.cli import run_command
+from convobot.config import MergeConfig
+from convobot.errors import ModelPathError, VerificationError
+from convobot.merge import check_fp32, merge
+from convobot.rundir import load_model, open_run
 
-SMOKE = ["experiment=smoke", "report.before=false", "report.exact_match_rows=0", "report.samples=0",
-         "train.max_steps=2", "data.num_rows=160", "data.eval_size=16"]
 BUNDLE_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "README.md", REPORT, CHECKSUMS}
 
 
-def train_smoke(run_dir: Path, *overrides: str) -> Path:
-    """A few training steps into `run_dir`, with the config.yaml convobot-train's main() writes."""
-    cfg = validate(compose(SMOKE + list(overrides)))
-    io.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
-    run(cfg, run_dir)
-    return run_dir
-
-
-def quiet_merge(**options) -> dict:
-    return merge(MergeConfig(**options), console=Console(file=text_io.StringIO()))
-
-
-@functools.cache
-def _smoke_release(root: Path) -> SimpleNamespace:
-    run_dir = train_smoke(root / "smoke_lora")
-    release = root / "release" / "bundle"
-    report = quiet_merge(run_dir=str(run_dir), output_dir=str(release))
-    return SimpleNamespace(run_dir=run_dir, release=release, report=report)
-
-
-@pytest.fixture(scope="module")
-def smoke_release(tmp_path_factory):
-    """A LoRA smoke run and its verified bundle, made once per session (2-10 s, as busy as the CPU
-    is) and shared by every module that imports this fixture: tests only read it (copy to change)."""
-    return _smoke_release(tmp_path_factory.getbasetemp())
-
-
-def compose_command(name: str, *overrides: str):
-    """A command config from conf/commands/, composed as its CLI would (against its schema)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(COMMANDS_CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose(config_name=name, overrides=list(overrides)))
-
-
-def test_merge_config_composes_with_the_cli_defaults():
+def test_merge_config_composes_with_the_cli_defaults(compose_command):
     cfg = compose_command("merge", "run_dir=r", "output_dir=o", "generation.temperature=0")
     assert isinstance(cfg, MergeConfig) and cfg.run_dir == "r" and not cfg.overwrite and cfg.tolerance == 1e-4
     assert cfg.generation.temperature == 0 and cfg.push_to_hub is None
@@ -123,20 +81,20 @@ def test_model_card_describes_the_release_and_its_snippet_runs(smoke_release):
         assert fact in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert f"model_id = {str(smoke_release.release)!r}" in snippet
-    with redirect_stdout(text_io.StringIO()):
+    with redirect_stdout(io.StringIO()):
         exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - runs the card's own usage example
 
 
-def test_a_zeroed_adapter_is_refused(smoke_release, tmp_path):
+def test_a_zeroed_adapter_is_refused(smoke_release, tmp_path, quiet_merge):
     run_dir = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
     weights = run_dir / "adapter" / "adapter_model.safetensors"
     save_file({name: torch.zeros_like(t) for name, t in load_file(weights).items()}, weights)
-    with pytest.raises(MergeVerificationError, match="changed nothing"):
+    with pytest.raises(VerificationError, match="changed nothing"):
         quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tampered_merge_is_caught_by_logit_parity(smoke_release, tmp_path, monkeypatch):
+def test_a_tampered_merge_is_caught_by_logit_parity(smoke_release, tmp_path, monkeypatch, quiet_merge):
     from peft.tuners.tuners_utils import BaseTuner  # where LoRA's merge_and_unload lives
 
     honest_merge = BaseTuner.merge_and_unload
@@ -147,12 +105,12 @@ def test_a_tampered_merge_is_caught_by_logit_parity(smoke_release, tmp_path, mon
         return merged
 
     monkeypatch.setattr(BaseTuner, "merge_and_unload", tampered_merge)
-    with pytest.raises(MergeVerificationError, match=r"\(a\) adapter model vs merged model.*> tolerance"):
+    with pytest.raises(VerificationError, match=r"\(a\) adapter model vs merged model.*> tolerance"):
         quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_corrupted_save_is_caught_by_reload_parity(smoke_release, tmp_path, monkeypatch):
+def test_a_corrupted_save_is_caught_by_reload_parity(smoke_release, tmp_path, monkeypatch, quiet_merge):
     honest_save = GPT2LMHeadModel.save_pretrained
 
     def corrupting_save(self, folder, *args, **kwargs):
@@ -162,12 +120,12 @@ def test_a_corrupted_save_is_caught_by_reload_parity(smoke_release, tmp_path, mo
         save_file(weights, Path(folder) / "model.safetensors", metadata={"format": "pt"})
 
     monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", corrupting_save)
-    with pytest.raises(MergeVerificationError, match=r"\(c\) merged model vs the saved model.safetensors"):
+    with pytest.raises(VerificationError, match=r"\(c\) merged model vs the saved model.safetensors"):
         quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temp folder
 
 
-def test_overwrite_only_when_asked(smoke_release, tmp_path):
+def test_overwrite_only_when_asked(smoke_release, tmp_path, quiet_merge):
     earlier = shutil.copytree(smoke_release.release, tmp_path / "bundle")
     (earlier / "stale.txt").write_text("from an earlier release")
     options = {"run_dir": str(smoke_release.run_dir), "output_dir": str(earlier), "perplexity": False}
@@ -178,7 +136,7 @@ def test_overwrite_only_when_asked(smoke_release, tmp_path):
     assert {p.name for p in earlier.iterdir()} == BUNDLE_FILES and checksum_mismatches(earlier) == []
 
 
-def test_a_full_fine_tune_gives_the_same_bundle(tmp_path):
+def test_a_full_fine_tune_gives_the_same_bundle(tmp_path, quiet_merge, train_smoke):
     run_dir = train_smoke(tmp_path / "full", "peft=full")
     report = quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "release"), perplexity=False)
     files = {p.name for p in (tmp_path / "release").iterdir()}
@@ -191,7 +149,7 @@ def test_a_full_fine_tune_gives_the_same_bundle(tmp_path):
 def test_only_an_fp32_base_is_merged_into(smoke_release):
     model, _ = load_model(smoke_release.release)
     check_fp32(model)
-    with pytest.raises(MergeVerificationError, match="non-fp32"):
+    with pytest.raises(VerificationError, match="non-fp32"):
         check_fp32(model.half())
 
 
@@ -223,12 +181,12 @@ def test_bad_paths_give_clear_errors(smoke_release, tmp_path):
         open_run(no_adapter)
     raw = OmegaConf.structured(MergeConfig(run_dir=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")))
     with pytest.raises(SystemExit, match="convobot-merge: ModelPathError: run dir .*missing does not exist"):
-        run_command("convobot-merge", merge, raw)
+        run_command("convobot-merge", MergeConfig, merge, raw)
     with pytest.raises(SystemExit, match="output_dir=... is required"):
-        run_command("convobot-merge", merge, OmegaConf.structured(MergeConfig(run_dir="r")))
+        run_command("convobot-merge", MergeConfig, merge, OmegaConf.create({"run_dir": "r"}))
 
 
-def test_a_hub_style_base_loads_by_name(smoke_release, tmp_path):
+def test_a_hub_style_base_loads_by_name(smoke_release, tmp_path, quiet_merge):
     """source=hub takes the base by name and revision (a hub id, or here a local folder, offline)."""
     run_dir = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
     base = shutil.move(run_dir / "base_model", tmp_path / "elsewhere")

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from convobot.config import ModelConfig, PeftConfig
-from convobot.modeling import (AdapterError, apply_peft, count_parameters, load_base_model, load_tokenizer, set_dropout,
+from convobot.errors import AdapterError
+from convobot.modeling import (apply_peft, count_parameters, load_base_model, load_tokenizer, set_dropout,
                                use_fused_gelu)
 
 

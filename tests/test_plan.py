@@ -17,6 +17,8 @@ from transformers import TrainerCallback
 
 from convobot import loss_head, modeling, plan, train
 from convobot.config import LossHead, Precision
+from convobot.errors import PlanError
+from convobot.plan import formulas
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["experiment=smoke", "train.max_steps=2", "report.before=false", "report.samples=0",
@@ -35,9 +37,9 @@ class AllocationProbe(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
         self.measured.update({
-            "weights": plan.storage_bytes([*model.parameters(), *model.buffers()]),
-            "gradients": plan.storage_bytes([p.grad for p in model.parameters() if p.grad is not None]),
-            "optimizer states": plan.storage_bytes(states),
+            "weights": formulas.storage_bytes([*model.parameters(), *model.buffers()]),
+            "gradients": formulas.storage_bytes([p.grad for p in model.parameters() if p.grad is not None]),
+            "optimizer states": formulas.storage_bytes(states),
             "optimizer": type(inner).__name__,
         })
 
@@ -45,17 +47,10 @@ class AllocationProbe(TrainerCallback):
 @pytest.mark.parametrize("overrides", [["peft=lora", "optim=adamw_8bit"], ["peft=full", "optim=adamw_8bit"],
                                        ["peft=full", "optim=adamw_torch"], ["peft=full"]],
                          ids=["lora-8bit", "full-8bit", "full-adamw32", "full-auto"])
-def test_parameter_gradient_optimizer_parts_match_a_real_run(compose_train, monkeypatch, tmp_path, overrides):
+def test_parameter_gradient_optimizer_parts_match_a_real_run(compose_train, tmp_path, overrides):
     probe = AllocationProbe()
-
-    class ProbedTrainer(train.SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(probe)
-
-    monkeypatch.setattr(train, "SFTTrainer", ProbedTrainer)
     cfg = compose_train(*QUICK, *overrides)
-    results = train.run(cfg, tmp_path)
+    results = train.run(cfg, tmp_path, callbacks=[probe])
     if results["optimizer_fallback_reason"]:
         pytest.skip(f"bitsandbytes fell back: {results['optimizer_fallback_reason']}")
     estimate = plan.estimate(cfg, "cpu")
@@ -120,7 +115,7 @@ def test_loss_head_matches_the_profiler_memory_timeline(tmp_path, head):
             log_probs, *_ = loss_head.score_labelled(hidden, lm_head, targets)
         else:
             log_probs, *_ = ChunkedLogProbFunction.apply(hidden, lm_head.weight, None, targets, 1.0,
-                                                         plan.TRL_VOCAB_TILE, None, 1.0,
+                                                         formulas.TRL_VOCAB_TILE, None, 1.0,
                                                          ("log_probs", "entropy", "is_top1"))
         (-log_probs.sum()).backward()
 
@@ -130,8 +125,8 @@ def test_loss_head_matches_the_profiler_memory_timeline(tmp_path, head):
     prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
     _, sizes = json.loads((tmp_path / "timeline.json").read_text())
     measured = max(sum(by_category) for by_category in sizes)
-    arch = plan.Architecture("gpt2", 1, hidden_size, 1, 4 * hidden_size, vocab, tokens, 0.0, 0.0, 0.0)
-    planned = plan.loss_head_bytes(arch, 1, tokens, "cpu", autocast=False, head=head)
+    arch = formulas.Architecture("gpt2", 1, hidden_size, 1, 4 * hidden_size, vocab, tokens, 0.0, 0.0, 0.0)
+    planned = formulas.loss_head_bytes(arch, 1, tokens, "cpu", autocast=False, head=head)
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
 
 
@@ -151,7 +146,7 @@ def test_hardware_profiles_fit_gpt2_small_with_margin(compose_train, hardware, e
 def test_planner_refuses_over_budget_naming_the_dominant_part(compose_train):
     cfg = gpt2(compose_train, "hardware.gradient_checkpointing=false", "model.attn_implementation=eager",
                "hardware.batch_size=8")
-    with pytest.raises(plan.PlanError) as refused:
+    with pytest.raises(PlanError) as refused:
         plan.check_fits(cfg, "cuda", Precision.fp16)
     message = str(refused.value)
     assert "exceeds hardware.vram_gb=4.0 GiB" in message
@@ -181,9 +176,9 @@ def test_allow_over_budget_trains_anyway(compose_train, caplog):
 
 def test_cuda_training_run_is_refused_before_loading_anything(compose_train, monkeypatch, tmp_path):
     """train.run plans first on CUDA: pretend the device is a GPU; the refusal comes before any download."""
-    monkeypatch.setattr(train, "resolve_device", lambda cfg: torch.device("cuda"))
+    monkeypatch.setattr(modeling, "resolve_device", lambda *args, **kwargs: torch.device("cuda"))
     cfg = gpt2(compose_train, "hardware.eval_batch_size=64")
-    with pytest.raises(plan.PlanError, match="largest part is eval logits"):
+    with pytest.raises(PlanError, match="largest part is eval logits"):
         train.run(cfg, tmp_path)
 
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers.trainer_callback import TrainerState
 
-from convobot.config import ConfigError, compose, validate
+from convobot.config import compose, validate
+from convobot.errors import ConfigError
 from convobot.distributed import weights_fingerprint
 from convobot.resume import find_checkpoint, is_complete, rewind_run_dir, steps_and_tokens
 from convobot.train import run

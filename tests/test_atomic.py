@@ -3,19 +3,19 @@ import stat
 
 import pytest
 
-from convobot.io import atomic_dir, write_json
+from convobot.atomic import directory, write_json
 
 
-def test_atomic_dir_renames_on_success_and_cleans_up_on_error(tmp_path):
+def test_directory_renames_on_success_and_cleans_up_on_error(tmp_path):
     target = tmp_path / "bundle"
-    with atomic_dir(target) as tmp:
+    with directory(target) as tmp:
         (tmp / "a.txt").write_text("x")
     assert (target / "a.txt").read_text() == "x"
     with pytest.raises(FileExistsError, match="overwrite"):
-        with atomic_dir(target):
+        with directory(target):
             pass
     with pytest.raises(RuntimeError):
-        with atomic_dir(target, overwrite=True) as tmp:
+        with directory(target, overwrite=True) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp folder left
@@ -26,7 +26,7 @@ def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "m.json", {"a": 1})
-        with atomic_dir(tmp_path / "d") as tmp:
+        with directory(tmp_path / "d") as tmp:
             pass
     finally:
         os.umask(old)

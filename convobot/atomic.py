@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from convobot.errors import OutputExistsError
+
 
 def _umask() -> int:
     current = os.umask(0)
@@ -39,12 +41,17 @@ def write_jsonl(path: Path, rows) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def refuse_overwrite(path: Path, overwrite: bool) -> None:
+    """A command checks its output path before the work, not only when it comes to write."""
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists (pass overwrite=true to replace it)")
+
+
 @contextmanager
-def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+def directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it is renamed to `path`, on error removed."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=true to replace it)")
+    refuse_overwrite(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700

@@ -1,4 +1,5 @@
-"""The one-screen summary printed at the end of a training run."""
+"""The one-screen results table printed at the end of a training run: held-out metrics before and after,
+what trained, how fast, in how much memory, and a few sample answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_summary(results: dict, run_dir: Path, samples: list[tuple[dict, str]], console: Console | None = None):
+def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]], console: Console | None = None):
     console = console or Console()
     before = results.get("before") or {}
     table = Table(title=f"convobot · {results['experiment']} · {results['method']}", show_lines=False)

@@ -1,0 +1,3 @@
+from convobot.plan.cli import main
+
+main()

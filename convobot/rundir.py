@@ -1,0 +1,227 @@
+"""The run dir convobot-train writes, and loading models from it, its adapter or a release bundle.
+
+Every command that reads or writes a run goes through this module, so the layout is spelled once:
+
+    <run dir>/
+      config.yaml         the validated training config
+      heldout.jsonl       the held-out Alpaca rows (scoring, merge checks, the model card's example)
+      base_model/         the random-init base of model.source=tiny (it cannot be downloaded again)
+      adapter/ | model/   the LoRA adapter, or the fully fine-tuned model, with the tokenizer
+      metrics.json        the run's results; metrics.jsonl: one line per logging step
+      checkpoints/        Trainer checkpoints (resume=true); samples/: per-rank sample logs (train.log_samples)
+      .hydra/             what Hydra recorded (overrides.yaml: the command line, sweep values included)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from convobot import atomic, bundle
+from convobot.config import ModelSource, PeftMethod, TrainConfig, to_container, validate
+from convobot.errors import ModelPathError, RunDirError
+from convobot.template import format_example
+
+# Model loading imports torch, transformers and datasets where it happens: convobot-compare and the sweep
+# summary read run dirs without them.
+
+CONFIG = "config.yaml"
+HELDOUT = "heldout.jsonl"
+BASE_MODEL = "base_model"
+METRICS = "metrics.json"
+METRICS_LOG = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+SAMPLES = "samples"
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def weights_dirname(method: PeftMethod) -> str:
+    """What training saves: a LoRA adapter, or the whole model."""
+    return "adapter" if method == PeftMethod.lora else "model"
+
+
+@dataclass
+class RunDir:
+    """A finished convobot-train run: its folder and validated config."""
+
+    path: Path
+    config: TrainConfig
+
+    @property
+    def method(self) -> PeftMethod:
+        return self.config.peft.method
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.path / weights_dirname(self.method)
+
+    @property
+    def base_description(self) -> str:
+        model = self.config.model
+        if model.source == ModelSource.tiny:
+            return f"{model.name} (random init, saved in {self.path / BASE_MODEL})"
+        return model.name + (f"@{model.revision}" if model.revision else "")
+
+    def metrics(self) -> dict:
+        return read_metrics(self.path) or {}
+
+    def heldout_rows(self) -> list[dict]:
+        path = self.path / HELDOUT
+        if not path.is_file():
+            raise ModelPathError(f"{path} is missing: the run's held-out rows are needed to verify and score")
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def heldout_pairs(self):
+        from datasets import Dataset
+
+        return Dataset.from_list([format_example(row) for row in self.heldout_rows()])
+
+
+def open_run(path: str | Path) -> RunDir:
+    """A finished run dir: its validated config.yaml and its adapter/ or model/ folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelPathError(f"run dir {path} does not exist")
+    config_file = path / CONFIG
+    if not config_file.is_file():
+        raise ModelPathError(f"{path} is not a convobot run dir: {CONFIG} is missing")
+    run = RunDir(path, validate(OmegaConf.load(config_file)))
+    if not run.weights_dir.is_dir():
+        raise ModelPathError(f"{run.weights_dir} is missing: the run has not saved its "
+                             f"{weights_dirname(run.method)} (did training finish?)")
+    return run
+
+
+def run_behind(path: str | Path) -> RunDir | None:
+    """The run a model path comes from: a run dir, a run's adapter/, or a bundle whose run is still there."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelPathError(f"model path {path} does not exist")
+    if (path / "adapter_config.json").is_file():
+        path = path.parent
+    if (path / CONFIG).is_file():
+        return open_run(path)
+    recorded = bundle.recorded_run_dir(path)
+    return open_run(recorded) if recorded is not None and recorded.is_dir() else None
+
+
+# --- writing (convobot-train, main process)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    atomic.write_text(run_dir / CONFIG, OmegaConf.to_yaml(to_container(cfg)))
+
+
+def write_heldout(run_dir: Path, rows: list[dict]) -> None:
+    atomic.write_jsonl(run_dir / HELDOUT, rows)
+
+
+def save_model(folder: Path, model, tokenizer) -> None:
+    """`model` (a transformers model or a peft adapter) and its tokenizer into `folder`, as safetensors,
+    written whole or not at all."""
+    with atomic.directory(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def write_metrics(run_dir: Path, results: dict) -> None:
+    atomic.write_json(run_dir / METRICS, results)
+
+
+# --- reading (merge, eval, compare, sweep summaries)
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    """metrics.json, or None if the run never wrote it (still running, or failed)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_metrics_log(run_dir: Path) -> list[dict]:
+    """metrics.jsonl: one dict per logging step (train and eval logs); [] if absent."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        return []
+    steps = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path} line {number}: not valid JSON ({err})") from err
+    return steps
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for the run, without hydra.* launch details."""
+    path = Path(run_dir) / HYDRA_OVERRIDES
+    recorded = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    return [override for override in recorded if not override.startswith("hydra.")]
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir that finished, or a sweep's job dir (Hydra makes .hydra/ when the job starts)."""
+    return (path / METRICS).is_file() or (path / ".hydra").is_dir()
+
+
+# --- models
+
+
+def load_folder(folder: Path):
+    """A save_pretrained folder in fp32: safetensors only, never remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False).eval()
+
+
+def load_base(run: RunDir):
+    """The run's base model in fp32: the saved random-init base (tiny) or the hub model at its revision."""
+    import torch
+
+    from convobot.modeling import load_base_model, load_tokenizer
+
+    if run.config.model.source == ModelSource.tiny:
+        folder = run.path / BASE_MODEL
+        if not folder.is_dir():
+            raise ModelPathError(f"{folder} is missing: a tiny model's random-init base is only kept there")
+        return load_folder(folder)
+    tokenizer = load_tokenizer(str(run.weights_dir))
+    return load_base_model(run.config.model, tokenizer, torch.float32).eval()
+
+
+def load_trained(run: RunDir, base=None):
+    """The trained model as training left it: the base with its (unmerged) adapter, or the full model."""
+    if run.method == PeftMethod.full:
+        return load_folder(run.weights_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base if base is not None else load_base(run), run.weights_dir,
+                                     is_trainable=False).eval()
+
+
+def load_model(path: str | Path):
+    """(model, tokenizer) for chat and eval from a merged bundle / model folder, a run dir, or its adapter/."""
+    from convobot.modeling import load_tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelPathError(f"model path {path} does not exist")
+    if bundle.is_model_folder(path):
+        return load_folder(path), load_tokenizer(str(path))
+    if (path / "adapter_config.json").is_file():
+        path = path.parent  # an adapter/ folder: its run dir knows the base
+    if (path / CONFIG).is_file():
+        run = open_run(path)
+        return load_trained(run), load_tokenizer(str(run.weights_dir))
+    raise ModelPathError(
+        f"{path} is not a model: expected a merged bundle (config.json + model.safetensors), "
+        "a convobot run dir (config.yaml + adapter/ or model/), or a run's adapter/ folder")
