@@ -39,9 +39,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
-# What benchmarks/gpu_check.sh needs on a lent GPU machine, whose image has torch, transformers, peft and
-# accelerate but not the rest, and which reaches no network: this stack's pinned wheels (Python 3.12) and the
-# ../shared inputs, in the git-ignored .gpu/ that the device tool carries.
+# What benchmarks/gpu_check.sh needs on an offline GPU machine whose Python (3.12) has torch but not the rest of
+# the stack: the pinned wheels and the ../shared inputs, in the git-ignored .gpu/.
 GPU_CARRY := .gpu
 GPU_PACKAGES := transformers|peft|trl|bitsandbytes|datasets|hydra-core|omegaconf|dill|multiprocess
 MANYLINUX := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #6 in one short run on a lent GPU machine (~5 min of an H100):
+# The GPU checks in one short run (~5 min on an H100):
 #   1. the card (nvidia-smi);
 #   2. benchmarks/train_throughput.py --device cuda: reference vs LoRA vs full fine-tune under the rtx3050_4gb
 #      profile (fp16, 8-bit AdamW): trained tokens/s, peak VRAM, projected time for 3 epochs of alpaca-gpt4;
 #   3. benchmarks/plan_gpu_validation.py: convobot-plan's memory estimates against what the GPU allocates.
-# Prepared here, untested until a task draws a device: `make gpu-carry` (wheels the device image lacks, and the
-# ../shared inputs, into the git-ignored .gpu/), then through the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=480)
-# Results go to $OUT (or benchmarks/results/ off the device tool); commit them, they name the card.
+# On an offline GPU machine whose Python has torch but not the rest of the stack, first `make gpu-carry` (the
+# pinned wheels and the ../shared inputs, into the git-ignored .gpu/), bring .gpu/ along, then run this script.
+# Results go to $OUT if it is set, else to benchmarks/results/; they name the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}

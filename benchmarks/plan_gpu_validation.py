@@ -21,7 +21,6 @@ Without a CUDA device it prints why and exits 0 (nothing to measure).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -54,7 +53,8 @@ def measure(cfg, run_dir: Path) -> dict:
     """Train `cfg` through convobot.train.run, reading memory at the moments the plan models."""
     from transformers import TrainerCallback
 
-    from convobot import plan, train
+    from convobot import train
+    from convobot.plan.formulas import storage_bytes
 
     measured: dict = {}
 
@@ -67,9 +67,9 @@ def measure(cfg, run_dir: Path) -> dict:
                 return
             inner = getattr(optimizer, "optimizer", optimizer)
             states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.is_cuda]
-            measured.update(weights=plan.storage_bytes([*model.parameters(), *model.buffers()]),
-                            gradients=plan.storage_bytes([p.grad for p in model.parameters() if p.grad is not None]),
-                            optimizer_states=plan.storage_bytes(states), optimizer=type(inner).__name__)
+            measured.update(weights=storage_bytes([*model.parameters(), *model.buffers()]),
+                            gradients=storage_bytes([p.grad for p in model.parameters() if p.grad is not None]),
+                            optimizer_states=storage_bytes(states), optimizer=type(inner).__name__)
 
         def on_train_end(self, args, state, control, **kwargs):
             measured["training_peak"] = torch.cuda.max_memory_allocated()
@@ -78,16 +78,7 @@ def measure(cfg, run_dir: Path) -> dict:
             measured["device_used"] = total - free
             torch.cuda.reset_peak_memory_stats()  # from here on: scoring
 
-    class ProbedTrainer(train.SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(Probe())
-
-    original, train.SFTTrainer = train.SFTTrainer, ProbedTrainer
-    try:
-        results = train.run(cfg, run_dir)
-    finally:
-        train.SFTTrainer = original
+    results = train.run(cfg, run_dir, callbacks=[Probe()])
     measured["evaluation_peak"] = torch.cuda.max_memory_allocated()
     measured["truncated_rows"] = results["data"]["truncated_train_rows"]
     measured["optimizer_described"] = results["optimizer"]
@@ -106,16 +97,17 @@ def main(argv: list[str] | None = None) -> int:
               "(the CPU checks of the planner are in tests/test_plan.py)")
         return 0
 
-    from convobot import io, plan
+    from convobot import atomic, plan
     from convobot.config import compose, validate
+    from convobot.plan.formulas import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 
     report = {"device": torch.cuda.get_device_name(0), "runs": {}}
-    print(f"device: {report['device']}; CUDA context assumed {plan.CUDA_CONTEXT_BYTES / MiB:.0f} MiB, "
-          f"allocator slack {plan.ALLOCATOR_SLACK:.0%}")
+    print(f"device: {report['device']}; CUDA context assumed {CUDA_CONTEXT_BYTES / MiB:.0f} MiB, "
+          f"allocator slack {ALLOCATOR_SLACK:.0%}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_random_gpt2(tmp / "gpt2")
-        io.write_jsonl(tmp / "rows.jsonl", long_rows(count=2 * args.steps + 8, words=1500))
+        atomic.write_jsonl(tmp / "rows.jsonl", long_rows(count=2 * args.steps + 8, words=1500))
         for method in args.methods.split(","):
             cfg = validate(compose([
                 "experiment=seed_repro", "hardware=rtx3050_4gb", f"peft={method}",
@@ -142,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:<18}{planned / MiB:>14,.1f}{real / MiB:>14,.1f}{planned / real:>8.3f}")
             slack = measured["training_reserved"] / measured["training_peak"] - 1
             context = measured["device_used"] - measured["training_reserved"]
-            print(f"  allocator slack measured {slack:.1%} (assumed {plan.ALLOCATOR_SLACK:.0%}); "
+            print(f"  allocator slack measured {slack:.1%} (assumed {ALLOCATOR_SLACK:.0%}); "
                   f"CUDA context + other processes {context / MiB:,.0f} MiB (assumed "
-                  f"{plan.CUDA_CONTEXT_BYTES / MiB:,.0f})")
+                  f"{CUDA_CONTEXT_BYTES / MiB:,.0f})")
             print(f"  plan: {estimate.total / MiB:,.0f} MiB total ({estimate.peak_phase}), "
                   f"{'fits' if estimate.fits else 'does not fit'} {cfg.hardware.vram_gb} GiB")
             report["runs"][method] = {"plan_phases": estimate.phases, "plan_total": estimate.total,
@@ -152,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "allocator_slack": slack, "context_bytes": context,
                                       "config_overrides": args.overrides, "steps": args.steps}
     if args.out:
-        io.write_json(args.out, report)
+        atomic.write_json(args.out, report)
         print(f"\nwrote {args.out}")
     return 0
 

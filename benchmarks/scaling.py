@@ -5,23 +5,25 @@ Examples:
     python benchmarks/scaling.py --configs lora,full --lengths 128,512 --batches 1,4
     python benchmarks/scaling.py --device cuda --configs lora,full --steps 10   # on a GPU (rtx3050_4gb profile)
 
-Each point trains GPT-2 small (random init) on the alpaca-gpt4 rows through the same builders as
-benchmarks/train_throughput.py, one point at a time, each freed before the next: --warmup steps excluded, then
+Each point trains GPT-2 small (random init) on the alpaca-gpt4 rows through benchmarks/harness.py, the same
+builders as benchmarks/train_throughput.py, one point at a time, each freed before the next: --warmup steps excluded, then
 --repeats windows of --steps steps. The sequence length is data.max_length: packed, every sequence holds close
-to that many tokens (rows longer than it are truncated, as training would). With packing a step of batch B is B accumulated micro-batches of one sequence, so memory
-should stay flat in B while the optimizer step is shared by more tokens. Writes
+to that many tokens (rows longer than it are truncated, as training would). With packing a step of batch B is B
+accumulated micro-batches of one sequence, so memory should stay flat in B while the optimizer step is shared by
+more tokens. Writes
 benchmarks/results/scaling_<device>_<date>.{png,md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-import train_throughput as bench
+import harness
 
 LENGTHS = "128,256,512,1024"
 BATCHES = "1,2,4"
@@ -30,8 +32,8 @@ BATCHES = "1,2,4"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_common_arguments(parser)
-    parser.add_argument("--configs", default="lora", help=f"comma-separated, from {list(bench.CONVOBOT_CONFIGS)}")
+    harness.add_common_arguments(parser)
+    parser.add_argument("--configs", default="lora", help=f"comma-separated, from {list(harness.CONVOBOT_CONFIGS)}")
     parser.add_argument("--lengths", default=LENGTHS, help="data.max_length values")
     parser.add_argument("--batches", default=BATCHES, help="hardware.batch_size values")
     parser.add_argument("--warmup", type=int, default=1)
@@ -41,29 +43,35 @@ def parse_args(argv=None):
     args.configs = args.configs.split(",")
     args.lengths = [int(n) for n in args.lengths.split(",")]
     args.batches = [int(n) for n in args.batches.split(",")]
-    unknown = [n for n in args.configs if n not in bench.CONVOBOT_CONFIGS]
+    unknown = [n for n in args.configs if n not in harness.CONVOBOT_CONFIGS]
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; choose from {list(bench.CONVOBOT_CONFIGS)}")
-    bench.check_counts(parser, args)
-    # The fields the throughput benchmark's builders read, fixed per point below.
-    args.max_length, args.batch_size, args.interleave = args.lengths[0], args.batches[0], False
+        parser.error(f"--configs: unknown {unknown}; choose from {list(harness.CONVOBOT_CONFIGS)}")
+    if min(args.warmup, args.steps, args.repeats) < 1:
+        parser.error("--warmup, --steps and --repeats must be >= 1 (the first turn builds the model)")
     return args
 
 
-def measure_grid(setup: bench.Setup) -> list[dict]:
-    args, points = setup.args, []
+def grid(args) -> list[harness.Settings]:
+    """One Settings per (sequence length, batch size) point."""
+    first = harness.Settings(device=args.device, rows=args.rows, smoke=args.smoke, max_length=args.lengths[0],
+                             batch_size=args.batches[0], warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+    return [dataclasses.replace(first, max_length=length, batch_size=batch)
+            for length in args.lengths for batch in args.batches]
+
+
+def measure_grid(setup: harness.Setup, args) -> list[dict]:
+    points = []
     for name in args.configs:
-        for length in args.lengths:
-            for batch in args.batches:
-                args.max_length, args.batch_size = length, batch
-                result = bench.measure(setup, [name], interleave=False)[0]
-                points.append({"config": name, "seq_length": length, "batch_size": batch,
-                               "tokens_per_second": result.tokens_per_second,
-                               "peak_memory_mib": None if result.peak_memory_bytes is None
-                               else result.peak_memory_bytes / bench.MiB,
-                               "load_average_1min": max(result.load), "description": result.description})
-                print(f"{name} seq {length} batch {batch}: {result.tokens_per_second:,.1f} tokens/s, "
-                      f"peak {result.peak_memory_bytes} bytes", flush=True)
+        for settings in grid(args):
+            length, batch = settings.max_length, settings.batch_size
+            result = harness.measure(setup, settings, [name], interleave=False)[0]
+            points.append({"config": name, "seq_length": length, "batch_size": batch,
+                           "tokens_per_second": result.tokens_per_second,
+                           "peak_memory_mib": None if result.peak_memory_bytes is None
+                           else result.peak_memory_bytes / harness.MiB,
+                           "load_average_1min": max(result.load), "description": result.description})
+            print(f"{name} seq {length} batch {batch}: {result.tokens_per_second:,.1f} tokens/s, "
+                  f"peak {result.peak_memory_bytes} bytes", flush=True)
     return points
 
 
@@ -126,20 +134,20 @@ def render(summary: dict) -> str:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    reason = bench.missing_inputs(args)
+    reason = harness.missing_inputs(args.device, args.rows)
     if reason:
         print(reason)
         return None
-    bench.prepare_process(args)
+    harness.prepare_process(args.device, args.threads)
     started = datetime.now()
     with tempfile.TemporaryDirectory(prefix="convobot-scaling-") as tmp:
-        setup = bench.prepare(args, Path(tmp))
-        points = measure_grid(setup)
-    stem = args.out or bench.RESULTS_DIR / f"scaling_{args.device}_{started:%Y-%m-%d}"
+        setup = harness.prepare(grid(args)[0], Path(tmp))
+        points = measure_grid(setup, args)
+    stem = args.out or harness.RESULTS_DIR / f"scaling_{args.device}_{started:%Y-%m-%d}"
     figure = stem.with_suffix(".png")
     summary = {"benchmark": "scaling", "date": started.isoformat(timespec="seconds"),
                "wall_seconds": (datetime.now() - started).total_seconds(), "device": args.device,
-               "machine": bench.machine(args.device), "note": args.note, "figure": figure.name,
+               "machine": harness.machine(args.device), "note": args.note, "figure": figure.name,
                "settings": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
                             "rows": str(args.rows), "smoke_model": args.smoke},
                "points": points}
@@ -148,7 +156,7 @@ def main(argv=None) -> dict | None:
     print(f"wrote {figure}")
     text = render(summary)
     print(text)
-    bench.save_report(stem, text, summary)
+    harness.save_report(stem, text, summary)
     return summary
 
 

@@ -9,13 +9,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import harness  # noqa: E402
 import scaling  # noqa: E402
 import train_throughput as bench  # noqa: E402
 
 
 @pytest.mark.parametrize("interleave, expected", [(True, "abab"), (False, "aabb")])
 def test_turns_run_one_configuration_at_a_time(interleave, expected):
-    turns, order = bench.Turns(["a", "b"], interleave), []
+    turns, order = harness.Turns(["a", "b"], interleave), []
 
     def work(name):
         for window in range(2):
@@ -34,13 +35,13 @@ def test_turns_run_one_configuration_at_a_time(interleave, expected):
 
 
 def test_each_timed_window_follows_an_untimed_re_warm_step():
-    args = bench.parse_args(["--warmup", "2", "--steps", "3", "--repeats", "2"])
-    runner = bench.Runner("lora", build=None, turns=bench.Turns(["lora"], interleave=True), device="cpu", args=args)
+    settings = bench.settings_of(bench.parse_args(["--warmup", "2", "--steps", "3", "--repeats", "2"]))
+    runner = harness.Runner("lora", build=None, turns=harness.Turns(["lora"], interleave=True), settings=settings)
     now = [0.0]
     runner._sync = lambda: now[0]
     runner._begin_turn()
-    re_warm_steps = {args.warmup + 1, args.warmup + args.steps + 2}
-    for step in range(1, bench.total_steps(args) + 1):
+    re_warm_steps = {settings.warmup + 1, settings.warmup + settings.steps + 2}
+    for step in range(1, settings.total_steps + 1):
         now[0] += 100.0 if step in re_warm_steps else 10.0  # a re-warm step faults memory in: slow, untimed
         runner.on_step_end(step, tokens=step * 500)
     assert runner.result.windows == [{"tokens": 1500, "seconds": 30.0, "steps": 3, "tokens_per_second": 50.0}] * 2
