@@ -298,7 +298,8 @@ def validate(cfg: DictConfig | dict, schema: type = TrainConfig):
         raise ConfigError(f"config key '{err.full_key}': {err.full_key}=... is required") from err
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+        message = str(getattr(err, "msg", err)).splitlines()[0]  # OmegaConf appends full_key/object_type lines
+        raise ConfigError(f"config key '{key}': {message}") from err
     if isinstance(typed, TrainConfig):
         _check_ranges(typed)
     return typed

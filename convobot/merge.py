@@ -6,7 +6,7 @@ Examples:
     convobot-merge run_dir=outputs/demo output_dir=release/demo export_onnx=true   # + onnx/model.onnx
     convobot-merge run_dir=... output_dir=... push_to_hub=you/convobot-gpt2-alpaca  # upload (needs a token)
 
-Nothing is written until three checks pass; MergeVerificationError says which failed and by how much:
+Nothing is written until three checks pass; VerificationError says which failed and by how much:
   (a) the merged model's logits match the adapter model's on held-out rows,
   (b) the merged weights differ from the base (an adapter that changed nothing is refused),
   (c) the saved bundle, reloaded with AutoModelForCausalLM, gives the merged model's logits.
