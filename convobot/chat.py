@@ -22,6 +22,7 @@ from transformers import set_seed
 
 from convobot.cli import run_command
 from convobot.config import COMMANDS_CONF_DIR, ChatConfig, GenerationOptions
+from convobot.errors import PromptTooLongError
 from convobot.generate import stream_answer
 from convobot.modeling import resolve_device
 from convobot.rundir import load_model
@@ -56,7 +57,11 @@ def repl(model, tokenizer, options: GenerationOptions, read: Callable[[str], str
             return answered
         instruction, _, extra = line.partition(INPUT_SEPARATOR)
         out.write("bot> ")
-        respond(model, tokenizer, instruction.strip(), extra.strip(), options, out)
+        try:
+            respond(model, tokenizer, instruction.strip(), extra.strip(), options, out)
+        except PromptTooLongError as err:  # the session goes on: the next prompt may fit
+            out.write(f"[{err}]\n")
+            continue
         answered += 1
 
 

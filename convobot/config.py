@@ -18,7 +18,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from convobot.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The Hydra configs ship inside the package, so an installed wheel has them (the repo's conf/ links here).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 COMMANDS_CONF_DIR = CONF_DIR / "commands"
 
 
@@ -130,7 +131,10 @@ class HardwareConfig:
     device: Device = Device.auto
     precision: Precision = Precision.fp32
     batch_size: int = 16
+    # Rows per batch when generating answers (exact match, samples) and in the Trainer's own evaluation.
     eval_batch_size: int = 32
+    # Padded tokens per batch when scoring held-out perplexity (convobot/scoring.py).
+    eval_tokens: int = 8192
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     vram_gb: Optional[float] = None
@@ -210,11 +214,13 @@ class MergeConfig:
     overwrite: bool = False
     # Max |logit difference| allowed between the adapter model, the merged model and the reloaded bundle.
     tolerance: float = 1e-4
-    # Held-out rows the logit checks run on.
-    verify_rows: int = 16
-    # Score base and merged perplexity on the run's held-out rows (merge_report.json and model card).
+    # Held-out rows the logit checks (a) and (c) run on.
+    verify_rows: int = 8
+    # Score base and merged perplexity on the first perplexity_rows held-out rows (merge_report.json, model card).
     perplexity: bool = True
-    batch_size: int = 16
+    perplexity_rows: int = 32
+    # Padded tokens per scoring batch (convobot/scoring.py).
+    batch_tokens: int = 8192
     # Written to the bundle's generation_config.json.
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     # Model card licence; null: derived from the base model's and the data's licences where known.
@@ -223,6 +229,11 @@ class MergeConfig:
     # A hub repo id to upload the bundle to (only when given; needs `huggingface-cli login`).
     push_to_hub: Optional[str] = None
     private: bool = True
+
+
+class EvalRows(str, Enum):
+    heldout = "heldout"
+    all = "all"
 
 
 @dataclass
@@ -240,14 +251,17 @@ class EvalConfig:
     # A merged bundle / model folder, a run dir or a run's adapter/.
     model: Optional[str] = None
     run_dir: Optional[str] = None
-    # A conf/data name or a data file; null: the run's heldout.jsonl.
-    data: Optional[str] = None
+    # A conf/data config (data=alpaca_gpt4, data=local data.path=rows.jsonl); null: the run's heldout.jsonl.
+    data: Optional[DataConfig] = None
+    # With data: its seeded held-out split (what training held out), or all of its rows.
+    rows: EvalRows = EvalRows.heldout
     # Score several models of run_dir side by side: any of base, adapter, merged.
     compare: list[str] = field(default_factory=list)
     max_rows: Optional[int] = None
     # Tokens kept per row; null: the run's / data config's data.max_length (capped at the context).
     max_length: Optional[int] = None
-    batch_size: int = 16
+    # Padded tokens per scoring batch (convobot/scoring.py).
+    batch_tokens: int = 8192
     sliding: SlidingConfig = field(default_factory=SlidingConfig)
     # Largest relative perplexity difference allowed between adapter and merged models.
     tolerance: float = 1e-4
@@ -301,12 +315,30 @@ def validate(cfg: DictConfig | dict, schema: type = TrainConfig):
         message = str(getattr(err, "msg", err)).splitlines()[0]  # OmegaConf appends full_key/object_type lines
         raise ConfigError(f"config key '{key}': {message}") from err
     if isinstance(typed, TrainConfig):
-        _check_ranges(typed)
+        _check(_training_checks(typed) + _data_checks(typed.data))
+    elif isinstance(typed, EvalConfig) and typed.data is not None:
+        _check(_data_checks(typed.data))
     return typed
 
 
-def _check_ranges(cfg: TrainConfig) -> None:
-    checks = [
+def _check(checks: list[tuple[str, bool, str]]) -> None:
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {why}")
+
+
+def _data_checks(data: DataConfig) -> list[tuple[str, bool, str]]:
+    return [
+        ("data.max_length", data.max_length > 8, "must be > 8"),
+        ("data.eval_size", data.eval_size > 0, "must be > 0"),
+        # The data group's `path: ???` does not survive the merge onto the schema's null: checked here.
+        ("data.path", data.source == DataSource.bundled or bool(data.path),
+         f"is required for data.source={data.source.value}: data.path=..."),
+    ]
+
+
+def _training_checks(cfg: TrainConfig) -> list[tuple[str, bool, str]]:
+    return [
         ("peft.r", cfg.peft.r > 0, "must be > 0"),
         ("peft.dropout", 0 <= cfg.peft.dropout < 1, "must be in [0, 1)"),
         ("model.dropout", cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "must be in [0, 1), or null"),
@@ -314,10 +346,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("hardware.batch_size", cfg.hardware.batch_size > 0, "must be > 0"),
         ("hardware.grad_accum", cfg.hardware.grad_accum > 0, "must be > 0"),
-        ("data.max_length", cfg.data.max_length > 8, "must be > 8"),
-        ("data.eval_size", cfg.data.eval_size > 0, "must be > 0"),
-        ("data.path", cfg.data.source == DataSource.bundled or bool(cfg.data.path),
-         f"is required for data.source={cfg.data.source.value}"),
         ("train.keep_last", cfg.train.keep_last is None or cfg.train.keep_last > 0, "must be > 0, or null to keep all"),
         ("train.eval_steps", not cfg.train.keep_best or bool(cfg.train.eval_steps),
          "is required by train.keep_best=true (evaluation picks the best checkpoint)"),
@@ -327,9 +355,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("resume", isinstance(cfg.resume, bool) or (isinstance(cfg.resume, str) and bool(cfg.resume.strip())),
          "must be true, false, auto, or a run dir / checkpoint path"),
     ]
-    for key, ok, why in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {why}")
 
 
 def to_container(cfg: TrainConfig) -> dict:

@@ -26,6 +26,14 @@ class RunDirError(UserError, ValueError):
     """A file in a run dir cannot be read (cut off, hand-edited); the message names the file and line."""
 
 
+class PromptTooLongError(UserError, ValueError):
+    """A chat prompt does not fit the model's context."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """A feature needs an optional extra that is not installed; the message says which `pip install` to run."""
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output folder or file exists and overwrite was not asked for."""
 

@@ -5,13 +5,14 @@ Examples:
     convobot-eval run_dir=outputs/demo                                         # the run's held-out rows
     convobot-eval run_dir=outputs/demo compare=[base,adapter,merged]           # side by side
     convobot-eval run_dir=outputs/demo model=outputs/demo/release compare=[base,merged]   # merged = the bundle
-    convobot-eval model=outputs/demo/release data=rows.jsonl sliding.stride=64 output=ppl.json
+    convobot-eval model=outputs/demo/release data=local data.path=rows.jsonl rows=all sliding.stride=64
 
-Perplexity is exp(sum of token NLL / number of scored tokens), so it does not depend on batch size.
-Labels mask the prompt (response-only) and padding by position, never by pad id: GPT-2's pad is its
-EOS, and each answer's final EOS is scored. `data=` is a conf/data name (its seeded held-out split,
-the one training held out) or a .json/.jsonl/.csv/.parquet file (every row). Without it, the run's
-heldout.jsonl is used (a bundle remembers its run in merge_report.json).
+Perplexity is exp(sum of token NLL / number of scored tokens), so it does not depend on batching
+(convobot/scoring.py). What is scored is named by position, never by pad id: GPT-2's pad is its EOS, and
+each answer's final EOS is scored. `data=` picks a conf/data config as convobot-train does (a file:
+`data=local data.path=rows.jsonl`); its seeded held-out split, the rows training held out, is scored, or
+every row with `rows=all`. Without it, the run's heldout.jsonl is used (a bundle remembers its run in
+merge_report.json).
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ from typing import Optional
 
 import hydra
 from datasets import Dataset
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from convobot import atomic, data, metrics
+from convobot import atomic, data, scoring
 from convobot.cli import run_command
-from convobot.config import COMMANDS_CONF_DIR, CONF_DIR, DataConfig, DataSource, EvalConfig, PeftMethod
-from convobot.errors import ConfigError, DataError, ModelPathError, VerificationError
-from convobot.generate import context_length
-from convobot.modeling import load_tokenizer
+from convobot.config import COMMANDS_CONF_DIR, EvalConfig, EvalRows, PeftMethod
+from convobot.errors import ConfigError, ModelPathError, VerificationError
+from convobot.modeling import context_length, fit_context, load_tokenizer
 from convobot.rundir import HELDOUT, RunDir, load_base, load_model, load_trained, open_run, run_behind
 from convobot.template import format_example
 
@@ -56,49 +55,40 @@ def find_run(cfg: EvalConfig) -> RunDir | None:
 
 def held_out(cfg: EvalConfig, run: RunDir | None) -> HeldOut:
     """The prompt/completion pairs to score, the row length to score them at, and their origin."""
-    if cfg.data and Path(cfg.data).suffix.lower() in data.LOCAL_BUILDERS:
-        rows, _ = data.load_rows(DataConfig(name="local", source=DataSource.local, path=cfg.data))
-        found = HeldOut(rows.map(format_example, remove_columns=list(data.FIELDS)), None, f"{cfg.data} (all rows)")
-    elif cfg.data:
-        found = _held_out_split(cfg.data)
+    if cfg.data is not None:
+        rows, _ = data.load_rows(cfg.data)
+        origin = cfg.data.path or cfg.data.name
+        if cfg.rows == EvalRows.heldout:
+            _, rows = data.split_rows(rows, cfg.data)
+            origin += f" (held-out split, seed {cfg.data.split_seed})"
+        else:
+            origin += " (all rows)"
+        found = HeldOut(rows.map(format_example, remove_columns=list(data.FIELDS)), cfg.data.max_length, origin)
     elif run is not None:
         found = HeldOut(run.heldout_pairs(), run.config.data.max_length, str(run.path / HELDOUT))
     else:
-        raise ModelPathError(f"no held-out data for {cfg.model}: pass data=<conf/data name or file> or run_dir=<run>")
+        raise ModelPathError(f"no held-out data for {cfg.model}: pass data=<conf/data name> (data=local "
+                             "data.path=<file> for a file) or run_dir=<run>")
     if cfg.max_rows is not None:
         found.pairs = found.pairs.select(range(min(cfg.max_rows, len(found.pairs))))
     found.max_length = cfg.max_length or found.max_length
     return found
 
 
-def _held_out_split(name: str) -> HeldOut:
-    """The seeded held-out split of a conf/data config: the rows training held out."""
-    path = CONF_DIR / "data" / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise DataError(f"data={name}: neither a data file (.json/.jsonl/.csv/.parquet) nor a conf/data "
-                             f"config (one of {names})")
-    config: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path)))
-    rows, _ = data.load_rows(config)
-    _, heldout = data.split_rows(rows, config)
-    return HeldOut(heldout.map(format_example, remove_columns=list(data.FIELDS)), config.max_length,
-                   f"{config.path or name} (held-out split, seed {config.split_seed})")
-
-
 def score(model, tokenizer, heldout: HeldOut, cfg: EvalConfig) -> dict:
-    """Full-sequence and response-only perplexity of the rows, and sliding-window perplexity of
+    """Full-sequence and response-only perplexity of the rows (one pass), and sliding-window perplexity of
     all rows as one stream (longer than the context, so windows overlap by window - stride)."""
-    context = context_length(model)
-    max_length = min(heldout.max_length or context, context)
-    result = metrics.perplexities(model, heldout.pairs, tokenizer, max_length, cfg.batch_size)
+    context = context_length(model.config)
+    max_length = fit_context(heldout.max_length, context, "max_length" if cfg.max_length else "data.max_length")
+    result = scoring.perplexities(model, heldout.pairs, tokenizer, max_length, cfg.batch_tokens)
     if cfg.sliding.enabled:
         window = min(cfg.sliding.window or context, context)
         stride = cfg.sliding.stride or window // 2
         if not 0 < stride < window:
             raise ConfigError(f"config key 'sliding.stride' must be in [1, {window - 1}] (window {window}), got {stride}")
-        stream = metrics.token_stream(heldout.pairs, tokenizer)
-        result["sliding"] = metrics.sliding_window_perplexity(model, stream, window, stride, tokenizer.pad_token_id,
-                                                              cfg.batch_size)
+        stream = scoring.token_stream(heldout.pairs, tokenizer)
+        result["sliding"] = scoring.sliding_window_perplexity(model, stream, window, stride, tokenizer.pad_token_id,
+                                                              cfg.batch_tokens)
     return result | {"max_length": max_length}
 
 

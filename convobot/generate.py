@@ -10,6 +10,8 @@ import torch
 from transformers import GenerationConfig, TextIteratorStreamer
 
 from convobot.config import GenerationOptions
+from convobot.errors import PromptTooLongError
+from convobot.modeling import context_length
 from convobot.template import format_prompt
 
 
@@ -58,10 +60,11 @@ def stream_answer(model, tokenizer, instruction: str, input: str = "",
     options = options or GenerationOptions()
     device = next(model.parameters()).device
     batch = tokenizer(format_prompt(instruction, input), return_tensors="pt", add_special_tokens=False).to(device)
-    room = context_length(model) - batch["input_ids"].shape[1]
+    context = context_length(model.config)
+    room = context - batch["input_ids"].shape[1]
     if room <= 0:
-        raise ValueError(f"the prompt is {batch['input_ids'].shape[1]} tokens; the model's context is "
-                         f"{context_length(model)}")
+        raise PromptTooLongError(f"the prompt is {batch['input_ids'].shape[1]} tokens; the model's context is "
+                                 f"{context}: shorten the instruction or its input")
     # Positions past the context have no embedding: cap the answer rather than crash mid-stream.
     config = generation_config(tokenizer, **(asdict(options) | {"max_new_tokens": min(options.max_new_tokens, room)}))
     if not config.do_sample:  # generate() fills unset (None) fields from the model's saved sampling defaults
@@ -88,9 +91,3 @@ def stream_answer(model, tokenizer, instruction: str, input: str = "",
         model.train(was_training)
     if failure:
         raise failure[0]
-
-
-def context_length(model) -> int:
-    """Positions the model has embeddings for (GPT-2: n_positions)."""
-    config = model.config
-    return getattr(config, "n_positions", None) or config.max_position_embeddings

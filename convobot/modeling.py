@@ -56,6 +56,48 @@ def tiny_gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GP
     )
 
 
+def context_length(config) -> int:
+    """Positions a model config has embeddings for (GPT-2: n_positions)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+# Canonical GPT-2 sizes: their hub config.json files equal these GPT2Config arguments, so no download.
+GPT2_SIZES = {
+    "gpt2": {},
+    "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "gpt2-large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
+    "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
+}
+
+
+def model_config(cfg: ModelConfig):
+    """A hub or local model's config without its weights: GPT-2 sizes are built in (offline), any other model
+    reads its config.json."""
+    from transformers import AutoConfig
+
+    short = cfg.name.rsplit("/", 1)[-1]
+    if short in GPT2_SIZES and not Path(cfg.name).is_dir():
+        return GPT2Config(**GPT2_SIZES[short])
+    try:
+        return AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=False)
+    except OSError as err:
+        raise ConfigError(f"config key 'model.name': cannot read the config.json of {cfg.name!r} ({err})") from err
+
+
+def configured_context(cfg: ModelConfig) -> int:
+    """The context of the configured model (its config.json, or the tiny model's settings), without loading it."""
+    return cfg.n_positions if cfg.source == ModelSource.tiny else context_length(model_config(cfg))
+
+
+def fit_context(max_length: int, context: int, key: str = "data.max_length") -> int:
+    """Rows longer than the model's positions cannot be embedded: cut them at the context, and say so."""
+    if max_length <= context:
+        return max_length
+    log.warning("%s=%d exceeds the model's context of %d positions: rows are cut at %d tokens",
+                key, max_length, context, context)
+    return context
+
+
 def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32):
     """GPT-2 from the hub (or a local folder), or a tiny randomly initialised GPT-2.
 

@@ -15,6 +15,7 @@ The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from convobot import attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir
+from convobot import attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir, scoring
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
 from convobot.cli import one_line_errors
 from convobot.config import CONF_DIR, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
@@ -130,9 +131,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
 
 
 def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> dict:
-    """Held-out loss and perplexity; exact-match where answers can be checked (bundled tasks)."""
-    rows = metrics.tokenize_for_scoring(dataset.eval, tokenizer, cfg.data.max_length, cfg.data.completion_only)
-    result = metrics.perplexity(model, rows, tokenizer.pad_token_id, cfg.hardware.eval_batch_size)
+    """Held-out loss and perplexity, on what the loss trained (response only, or the full sequence); exact-match
+    where answers can be checked (bundled tasks)."""
+    both = scoring.perplexities(model, dataset.eval, tokenizer, cfg.data.max_length, cfg.hardware.eval_tokens)
+    result = both["response" if cfg.data.completion_only else "full"]
     scores = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
     if cfg.data.source == DataSource.bundled and cfg.report.exact_match_rows > 0:
         checked = dataset.eval_rows[:cfg.report.exact_match_rows]
@@ -158,6 +160,8 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
         check_fits(cfg, device.type, precision)
 
     # --- setup: data, model, optimizer
+    max_length = modeling.fit_context(cfg.data.max_length, modeling.configured_context(cfg.model))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
     dataset = data.prepare(cfg.data, tokenizer)
     trainer, optimizer = build_trainer(cfg, run_dir, device, precision, tokenizer, dataset)

@@ -26,7 +26,7 @@ def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "m.json", {"a": 1})
-        with directory(tmp_path / "d") as tmp:
+        with directory(tmp_path / "d"):
             pass
     finally:
         os.umask(old)

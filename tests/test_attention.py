@@ -1,6 +1,5 @@
 """Row-by-row SDPA over packed rows (convobot/attention.py) computes what the block-diagonal mask does."""
 
-import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from convobot.chat import chat, repl
 from convobot.cli import run_command
 from convobot.config import ChatConfig, GenerationOptions
-from convobot.errors import ModelPathError
+from convobot.errors import ModelPathError, PromptTooLongError
 from convobot.generate import answer, stream_answer
 from convobot.rundir import load_model
 from convobot.template import format_prompt
@@ -79,10 +79,21 @@ def test_repl_answers_until_exit(smoke_release):
     assert next(lines) == "never read"
 
 
-def test_a_prompt_longer_than_the_context_is_refused(smoke_release):
+def test_a_prompt_longer_than_the_context_is_refused_in_one_line(smoke_release):
     model, tokenizer = load_model(smoke_release.release)
-    with pytest.raises(ValueError, match="the model's context is 256"):
+    with pytest.raises(PromptTooLongError, match="the model's context is 256"):
         list(stream_answer(model, tokenizer, "word " * 300))
+    raw = OmegaConf.structured(ChatConfig(model=str(smoke_release.release), prompt="word " * 300))
+    with pytest.raises(SystemExit, match="convobot-chat: PromptTooLongError: the prompt is .* context is 256"):
+        run_command("convobot-chat", ChatConfig, chat, raw)
+
+
+def test_the_repl_goes_on_after_a_prompt_that_does_not_fit(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    lines = iter(["word " * 300, ROW["instruction"], ""])
+    out = io.StringIO()
+    assert repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out) == 1
+    assert "[the prompt is" in out.getvalue() and out.getvalue().count("bot> ") == 2
 
 
 def test_bad_paths_give_clear_errors(smoke_release, tmp_path):

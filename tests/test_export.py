@@ -12,8 +12,9 @@ from rich.console import Console
 
 from convobot.bundle import CHECKSUMS, REPORT, checksum_mismatches
 from convobot.config import ExportConfig
-from convobot.errors import ModelPathError, VerificationError
+from convobot.errors import MissingExtraError, ModelPathError, VerificationError
 from convobot.export import export, onnx_vs_torch
+from convobot.merge import ONNX_CHECK_ROWS
 from convobot.rundir import load_model
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -87,5 +88,19 @@ def test_merge_can_export_while_merging(smoke_release, tmp_path, quiet_merge):
                          export_onnx=True)
     files = {p.relative_to(tmp_path / "bundle").as_posix() for p in (tmp_path / "bundle").rglob("*") if p.is_file()}
     assert files == files_of(smoke_release.release) | {"onnx/model.onnx", "onnx/model.onnx.data"}
-    assert report["onnx"]["max_abs_logit_diff"] <= 1e-4 and report["onnx"]["checked_shapes"][0][0] == 16
+    assert report["onnx"]["max_abs_logit_diff"] <= 1e-4 and report["onnx"]["checked_shapes"][0][0] == ONNX_CHECK_ROWS
     assert checksum_mismatches(tmp_path / "bundle") == []  # the sums were written after the export
+
+
+def test_a_missing_extra_names_the_pip_install(smoke_release, tmp_path, monkeypatch, quiet_merge):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else
+                        real_find_spec(name, *a))
+    with pytest.raises(MissingExtraError, match=r"needs onnxscript: pip install 'convobot\[export\]'"):
+        export(ExportConfig(model=str(smoke_release.release), output_dir=str(tmp_path / "onnx")))
+    with pytest.raises(MissingExtraError, match="convobot\\[export\\]"):  # before any work
+        quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "bundle"), export_onnx=True)
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "bundle").exists()
+

@@ -1,60 +1,73 @@
+"""Logit probes (logits kept as hidden states + head) against whole logits, and the tolerance check."""
+
+import copy
 import math
 
 import pytest
 import torch
 
-from convobot.config import ModelConfig
+from convobot import metrics
+from convobot.config import DataConfig, ModelConfig
 from convobot.data import prepare
-from convobot.config import DataConfig
-from convobot.metrics import IGNORE_INDEX, pad_batch, perplexity, token_nll, tokenize_for_scoring
+from convobot.errors import VerificationError
 from convobot.modeling import load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup():
     tokenizer = load_tokenizer("bundled")
-    model = load_base_model(ModelConfig(), tokenizer)
-    pairs = prepare(DataConfig(num_rows=120, eval_size=24), tokenizer).eval
-    return tokenizer, model, pairs
+    model = load_base_model(ModelConfig(), tokenizer).eval()
+    pairs = prepare(DataConfig(num_rows=60, eval_size=12), tokenizer).eval
+    return tokenizer, model, metrics.probe_batch(pairs, tokenizer, rows=6, max_length=128)
 
 
-def test_perplexity_is_independent_of_batch_size(setup):
-    tokenizer, model, pairs = setup
-    rows = tokenize_for_scoring(pairs, tokenizer, 128, completion_only=False)
-    one = perplexity(model, rows, tokenizer.pad_token_id, batch_size=1)
-    eight = perplexity(model, rows, tokenizer.pad_token_id, batch_size=8)
-    assert one["tokens"] == eight["tokens"]
-    assert math.isclose(one["perplexity"], eight["perplexity"], rel_tol=1e-5)
+def test_a_probe_holds_the_logits_of_the_real_tokens(setup):
+    _, model, batch = setup
+    probe = metrics.LogitProbe.capture(model, batch)
+    assert probe.hidden.shape == (int(batch["attention_mask"].sum()), model.config.n_embd)  # not x vocab
+    whole = metrics.real_token_logits(model, batch)
+    assert torch.allclose(torch.cat(list(probe.logits())), whole, atol=1e-5)
 
 
-def test_perplexity_is_exp_of_token_weighted_nll(setup):
-    tokenizer, model, pairs = setup
-    rows = tokenize_for_scoring(pairs, tokenizer, 128, completion_only=True)
-    nll, tokens = token_nll(model, rows, tokenizer.pad_token_id)
-    assert math.isclose(perplexity(model, rows, tokenizer.pad_token_id)["perplexity"], math.exp(nll / tokens))
+def test_max_logit_difference_is_that_of_the_whole_logits(setup):
+    _, model, batch = setup
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.transformer.h[0].mlp.c_fc.weight[0, :] += 0.5
+    expected = (metrics.real_token_logits(model, batch) - metrics.real_token_logits(changed, batch)).abs().max().item()
+    measured = metrics.max_logit_difference(metrics.LogitProbe.capture(model, batch),
+                                            metrics.LogitProbe.capture(changed, batch))
+    assert expected > 1e-3 and math.isclose(measured, expected, rel_tol=1e-4)
+    same = metrics.LogitProbe.capture(model, batch)
+    assert metrics.max_logit_difference(same, metrics.LogitProbe.capture(model, batch)) == 0.0
 
 
-def test_final_eos_is_scored_although_pad_equals_eos(setup):
-    tokenizer, _, pairs = setup
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    rows = tokenize_for_scoring(pairs, tokenizer, 128, completion_only=True)
-    batch = pad_batch(rows[:4], tokenizer.pad_token_id)
-    for row, labels, mask in zip(rows, batch["labels"], batch["attention_mask"]):
-        n = int(mask.sum())
-        assert labels[n - 1] == tokenizer.eos_token_id  # last real token: EOS, scored
-        assert (labels[n:] == IGNORE_INDEX).all()  # padding: not scored, though it is the same id
+def test_nan_logits_fail_the_check(setup):
+    _, model, batch = setup
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.ln_f.weight[0] = float("nan")
+    difference = metrics.max_logit_difference(metrics.LogitProbe.capture(model, batch),
+                                              metrics.LogitProbe.capture(broken, batch))
+    assert math.isnan(difference)
+    with pytest.raises(VerificationError, match="nan > tolerance"):
+        metrics.check_within(difference, 1e-4, "broken")
+    assert metrics.check_within(5e-5, 1e-4, "fine") == 5e-5
 
 
-def test_completion_only_masks_the_prompt(setup):
-    tokenizer, _, pairs = setup
-    full = tokenize_for_scoring(pairs, tokenizer, 128, completion_only=False)
-    response = tokenize_for_scoring(pairs, tokenizer, 128, completion_only=True)
-    prompt_len = len(tokenizer(pairs[0]["prompt"], add_special_tokens=False)["input_ids"])
-    assert response[0]["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
-    assert full[0]["labels"] == full[0]["input_ids"]
+def test_first_rows_trims_padding(setup):
+    _, _, batch = setup
+    first = metrics.first_rows(batch, 2)
+    assert first["input_ids"].shape[0] == 2
+    assert first["attention_mask"][:, -1].any()  # no all-padding column left
 
 
-def test_all_masked_rows_raise(setup):
-    tokenizer, model, _ = setup
-    with pytest.raises(ValueError, match="no scored tokens"):
-        perplexity(model, [], tokenizer.pad_token_id)
+def test_stopwatch_adds_up_each_stage():
+    clock = metrics.Stopwatch()
+    for _ in range(2):
+        with clock("stage"):
+            pass
+    with pytest.raises(RuntimeError):
+        with clock("failed"):
+            raise RuntimeError("still timed")
+    assert set(clock.seconds) == {"stage", "failed"} and all(s >= 0 for s in clock.seconds.values())

@@ -15,7 +15,8 @@ from trl import SFTTrainer
 
 from convobot import attention, data, modeling
 from convobot.config import Precision
-from convobot.metrics import IGNORE_INDEX, tokenize_for_scoring
+from convobot.metrics import IGNORE_INDEX
+from convobot.scoring import encode_pairs
 from convobot.train import build_trainer
 
 CPU = torch.device("cpu")
@@ -81,8 +82,8 @@ def test_packing_trains_the_same_labels_with_eos(both):
     packed_batches = both[True][4]
     assert all("attention_mask" not in b and b["input_ids"].size(0) == 1 for b in packed_batches)
     assert all(b["input_ids"].size(1) <= cfg.data.max_length for b in packed_batches)
-    expected = Counter(tuple(label for label in row["labels"][1:] if label != IGNORE_INDEX)
-                       for row in tokenize_for_scoring(dataset.train, tokenizer, cfg.data.max_length, True))
+    expected = Counter(tuple(row["input_ids"][row["scored_from"]["response"]:])
+                       for row in encode_pairs(dataset.train, tokenizer, cfg.data.max_length))
     unpacked = Counter(row for batch in unpacked_batches for row in _scored_rows(batch))
     packed = Counter(row for batch in packed_batches for row in _scored_rows(batch))
     assert packed == unpacked == expected
@@ -120,7 +121,7 @@ def test_packed_steps_keep_the_batch_and_count_every_trained_token(both):
         trainer.train()
         seen[packing] = trainer.state.num_input_tokens_seen
     cfg, tokenizer, dataset, _, packed_batches = both[True]
-    rows = tokenize_for_scoring(dataset.train, tokenizer, cfg.data.max_length, True)
+    rows = encode_pairs(dataset.train, tokenizer, cfg.data.max_length)
     assert seen[True] == seen[False] == sum(len(row["input_ids"]) for row in rows)
     # What the Trainer's "non_padding" count would say without an attention mask: GPT-2's pad is its EOS,
     # so every row's EOS would go uncounted.

@@ -169,7 +169,7 @@ def test_each_remedy_lowers_the_plan(compose_train):
 
 
 def test_allow_over_budget_trains_anyway(compose_train, caplog):
-    cfg = gpt2(compose_train, "hardware.eval_batch_size=64", "hardware.allow_over_budget=true")
+    cfg = gpt2(compose_train, "hardware.eval_tokens=262144", "hardware.allow_over_budget=true")
     estimate = plan.check_fits(cfg, "cuda", Precision.fp16)
     assert not estimate.fits and "training anyway" in caplog.text
 
@@ -177,7 +177,7 @@ def test_allow_over_budget_trains_anyway(compose_train, caplog):
 def test_cuda_training_run_is_refused_before_loading_anything(compose_train, monkeypatch, tmp_path):
     """train.run plans first on CUDA: pretend the device is a GPU; the refusal comes before any download."""
     monkeypatch.setattr(modeling, "resolve_device", lambda *args, **kwargs: torch.device("cuda"))
-    cfg = gpt2(compose_train, "hardware.eval_batch_size=64")
+    cfg = gpt2(compose_train, "hardware.eval_tokens=262144")
     with pytest.raises(PlanError, match="largest part is eval logits"):
         train.run(cfg, tmp_path)
 

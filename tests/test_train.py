@@ -92,3 +92,19 @@ def test_command_line_mistakes_end_in_one_line_naming_them(tmp_path, overrides, 
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_rows_longer_than_the_model_are_cut_at_its_context(tmp_path, caplog):
+    """data.max_length over the model's positions is clamped at start-up, with a warning naming both."""
+    from omegaconf import OmegaConf
+
+    from convobot.config import compose, validate
+
+    cfg = validate(compose(["experiment=smoke", "model.n_positions=64", "data.max_length=512", "train.max_steps=1",
+                            "report.before=false", "report.samples=0", "report.exact_match_rows=0"]))
+    with caplog.at_level("WARNING"):
+        results = run(cfg, tmp_path)
+    assert "data.max_length=512 exceeds the model's context of 64 positions" in caplog.text
+    assert OmegaConf.load(tmp_path / "config.yaml").data.max_length == 64  # what trained, recorded
+    assert results["data"]["truncated_train_rows"] > 0 and results["eval_tokens"] > 0
+

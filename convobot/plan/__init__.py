@@ -27,7 +27,8 @@ has its real shape and dtype and nothing is allocated or downloaded. From it:
                runs a fused kernel, dropout masks, GELU intermediates; with gradient checkpointing only each
                block's input is kept and one block is recomputed at a time.
   loss head    TRL's chunked log-prob head: one logits tile, never batch x seq x vocab during training.
-  eval logits  scoring after training materialises eval_batch_size x seq x vocab logits plus fp32 copies.
+  eval logits  scoring after training: a batch of hardware.eval_tokens tokens through the model without grad,
+               and the LM head on HEAD_CHUNK positions at a time (never batch x seq x vocab logits).
   overhead     CUDA context and caching-allocator slack: assumed constants, outside max_memory_allocated.
 The peak is the largest of four moments of a step (end of forward, end of backward, optimizer step,
 evaluation). benchmarks/plan_gpu_validation.py measures the real peak on a GPU and prints the ratios.

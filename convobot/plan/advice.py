@@ -33,8 +33,8 @@ def remedies(cfg: TrainConfig, part: str) -> list[tuple[dict, TrainConfig]]:
     if part in ("activations", "block working set", "loss head") and hw.batch_size > 1 and not cfg.train.packing:
         # Same effective batch: half the rows per step, twice the accumulation.
         options.append(_change(cfg, hardware__batch_size=hw.batch_size // 2, hardware__grad_accum=hw.grad_accum * 2))
-    if part == "eval logits" and hw.eval_batch_size > 1:
-        options.append(_change(cfg, hardware__eval_batch_size=max(1, hw.eval_batch_size // 4)))
+    if part == "eval logits" and hw.eval_tokens > cfg.data.max_length:
+        options.append(_change(cfg, hardware__eval_tokens=max(cfg.data.max_length, hw.eval_tokens // 4)))
     optim_name = optimizer_name(cfg.optim.name, "cuda")  # only a card's budget is ever exceeded
     if part == "loss head" and hw.loss_head == LossHead.plain:
         options.append(_change(cfg, hardware__loss_head=LossHead.chunked))
@@ -46,7 +46,7 @@ def remedies(cfg: TrainConfig, part: str) -> list[tuple[dict, TrainConfig]]:
         options.append(_change(cfg, peft__method=PeftMethod.lora))
     if part == "weights" and cfg.hardware.precision == Precision.fp32 and cfg.peft.method == PeftMethod.lora:
         options.append(_change(cfg, hardware__precision=Precision.fp16))
-    if part in ("activations", "block working set", "loss head", "eval logits"):
+    if part in ("activations", "block working set", "loss head"):
         options.append(_change(cfg, data__max_length=cfg.data.max_length // 2))  # last: it truncates the data
     return options
 

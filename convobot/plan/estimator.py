@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from convobot import modeling
 from convobot.config import LossHead, ModelSource, Precision, TrainConfig
-from convobot.errors import PlanError
+from convobot.scoring import HEAD_CHUNK
 from convobot.optim import optimizer_name
-from convobot.plan.formulas import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GPT2_SIZES, GiB, TRL_TOKEN_TILE, Architecture,
+from convobot.plan.formulas import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, TRL_TOKEN_TILE, Architecture,
                                     activation_bytes, block_activation_bytes, eval_logits_bytes, loss_head_bytes,
                                     optimizer_state_bytes, tensor_bytes, triton_head)
 
@@ -65,19 +64,6 @@ class Plan:
                 "overhead": self.overhead, "total": self.total, "fits": self.fits, "dominant": self.dominant.name}
 
 
-def hub_config(name: str, revision: str | None):
-    """GPT-2 sizes are built in (works offline); any other model reads its config.json."""
-    from transformers import AutoConfig, GPT2Config
-
-    short = name.rsplit("/", 1)[-1]
-    if short in GPT2_SIZES and not Path(name).is_dir():
-        return GPT2Config(**GPT2_SIZES[short])
-    try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
-    except OSError as err:
-        raise PlanError(f"model.name={name!r}: cannot read its config.json to plan memory ({err})") from err
-
-
 def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
     """The model `convobot.train.run` would train, with shapes and dtypes but no storage."""
     from transformers import AutoModelForCausalLM
@@ -88,7 +74,7 @@ def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
             tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
             base = modeling.load_base_model(cfg.model, tokenizer, dtype)
         else:
-            config = hub_config(cfg.model.name, cfg.model.revision)
+            config = modeling.model_config(cfg.model)
             base = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                     attn_implementation=cfg.model.attn_implementation)
         model = modeling.apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
@@ -111,7 +97,7 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     seq = min(cfg.data.max_length, arch.positions)
     # Packed, a step is batch_size accumulated micro-batches of one sequence (convobot.train.build_sft_config).
     batch = 1 if cfg.train.packing else cfg.hardware.batch_size
-    eval_batch = cfg.hardware.eval_batch_size
+    eval_tokens = max(cfg.hardware.eval_tokens, seq)  # a row longer than the budget is a batch of its own
     optim_name = optimizer_name(cfg.optim.name, device)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -124,8 +110,8 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     head = loss_head_bytes(arch, batch, seq, device, autocast, cfg.hardware.loss_head)
     lm_head_grad = 4 * sum(p.numel() for p in model.get_output_embeddings().parameters() if p.requires_grad)
     logits_dtype = model.get_output_embeddings().weight.dtype
-    eval_logits = eval_logits_bytes(arch, eval_batch, seq, logits_dtype)
-    eval_block = block_activation_bytes(arch, cfg, eval_batch, seq, device, autocast, training=False)
+    eval_logits = eval_logits_bytes(arch, eval_tokens, logits_dtype)
+    eval_block = block_activation_bytes(arch, cfg, 1, eval_tokens, device, autocast, training=False)
     checkpointing = "on" if cfg.hardware.gradient_checkpointing else "off"
     attention = cfg.model.attn_implementation
     on_card_states = 0 if paged else states
@@ -152,8 +138,9 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
                                            if step_copy else 0, "foreach AdamW: sqrt of all second moments at once"
                                            if step_copy else f"{optim_name} steps tensor by tensor"),
         "eval logits": Part("eval logits", eval_logits + eval_block,
-                            f"eval_batch_size {eval_batch} x {seq} x {arch.vocab} vocab, "
-                            f"{str(logits_dtype).replace('torch.', '')} + fp32 copies"),
+                            f"scoring batches of {eval_tokens:,} tokens, the LM head {min(eval_tokens, HEAD_CHUNK)} "
+                            f"positions x {arch.vocab} vocab at a time ({str(logits_dtype).replace('torch.', '')} "
+                            "+ fp32 copies)"),
     }
     phase_parts = {
         "end of forward (loss head)": ("weights", "optimizer states", "activations", "loss head"),

@@ -26,13 +26,6 @@ TRL_TORCH_TILE_TEMPS = 7.25
 # Peak fp32 (labelled tokens x vocab) tensors of convobot.loss_head's plain head in forward + backward, measured
 # the same way (tests/test_plan.py).
 PLAIN_HEAD_TEMPS = 4
-# Canonical GPT-2 sizes: their hub config.json files equal these GPT2Config arguments, so no download.
-GPT2_SIZES = {
-    "gpt2": {},
-    "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
-    "gpt2-large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
-    "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
-}
 # transformers `optim` names -> (state bits, paged, a second fp32 copy of the parameters during the step).
 OPTIMIZERS = {
     "adamw_torch": (32, False, True),  # foreach implementation: sqrt(exp_avg_sq) for all tensors at once
@@ -207,6 +200,10 @@ def triton_head(device: str) -> bool:
     return device == "cuda" and is_triton_available()
 
 
-def eval_logits_bytes(arch: Architecture, batch: int, seq: int, logits_dtype: torch.dtype) -> int:
-    """convobot.metrics.token_nll: logits, an fp32 copy and cross-entropy's fp32 log-softmax."""
-    return batch * seq * arch.vocab * (logits_dtype.itemsize + 4 + 4)
+def eval_logits_bytes(arch: Architecture, tokens: int, dtype: torch.dtype) -> int:
+    """convobot.scoring.nll_sums on a batch of `tokens` padded tokens: the last hidden states and their copy at
+    the scored positions, and one HEAD_CHUNK of logits with its fp32 copy and cross-entropy's fp32 log-softmax."""
+    from convobot.scoring import HEAD_CHUNK
+
+    hidden = 2 * tokens * arch.hidden * dtype.itemsize
+    return hidden + min(tokens, HEAD_CHUNK) * arch.vocab * (dtype.itemsize + 4 + 4)
