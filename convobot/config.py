@@ -134,7 +134,7 @@ class HardwareConfig:
     # Rows per batch when generating answers (exact match, samples) and in the Trainer's own evaluation.
     eval_batch_size: int = 32
     # Padded tokens per batch when scoring held-out perplexity (convobot/scoring.py).
-    eval_tokens: int = 8192
+    eval_tokens: int = 4096
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     vram_gb: Optional[float] = None
@@ -218,9 +218,9 @@ class MergeConfig:
     verify_rows: int = 8
     # Score base and merged perplexity on the first perplexity_rows held-out rows (merge_report.json, model card).
     perplexity: bool = True
-    perplexity_rows: int = 32
+    perplexity_rows: int = 16
     # Padded tokens per scoring batch (convobot/scoring.py).
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     # Written to the bundle's generation_config.json.
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     # Model card licence; null: derived from the base model's and the data's licences where known.
@@ -261,7 +261,7 @@ class EvalConfig:
     # Tokens kept per row; null: the run's / data config's data.max_length (capped at the context).
     max_length: Optional[int] = None
     # Padded tokens per scoring batch (convobot/scoring.py).
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     sliding: SlidingConfig = field(default_factory=SlidingConfig)
     # Largest relative perplexity difference allowed between adapter and merged models.
     tolerance: float = 1e-4

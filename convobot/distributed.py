@@ -21,6 +21,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
+from convobot.metrics import tensor_digest
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
@@ -65,8 +67,7 @@ def sample_hash(token_ids: torch.Tensor) -> str:
 
 def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     """A digest of tensor values that ignores names and order (PEFT drops the adapter name when saving)."""
-    digests = sorted(hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-                     for t in tensors)
+    digests = sorted(tensor_digest(t) for t in tensors)
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 

@@ -48,30 +48,36 @@ def trained_parameters(run: RunDir, trained) -> ParamCount:
 # --- the checks (the logit comparisons themselves are in convobot/metrics.py)
 
 
-def weights_merging_can_change(run: RunDir, base, trained) -> dict[str, torch.Tensor]:
-    """What the merge is compared against for check (b), by merged-model tensor name. A full fine-tune is a
-    separate model, so the base itself. LoRA merges into the base's tensors in place, so copies, and only of the
-    layers the adapter wraps: merge_and_unload touches nothing else (GPT-2 small: 85M of 124M values)."""
-    if run.method == PeftMethod.full:
-        return base.state_dict()
+def wrapped_weights(trained) -> dict[str, torch.Tensor]:
+    """The base tensors LoRA wraps, by merged-model name: all that merge_and_unload writes to (GPT-2 small:
+    48 of 149 tensors, 85M of 124M values)."""
     wrapped = ".base_layer."  # peft's name for the original layer inside a LoRA wrapper
-    return {name.replace(wrapped, "."): tensor.detach().clone()
-            for name, tensor in trained.get_base_model().state_dict().items() if wrapped in name}
+    return {name.replace(wrapped, "."): tensor for name, tensor in trained.get_base_model().state_dict().items()
+            if wrapped in name}
 
 
-def check_weights_changed(before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict:
-    """How many of the merged model's tensors differ from `before`, and by how much; refuses a merge that
-    changed nothing."""
+@torch.no_grad()
+def lora_update_sizes(trained) -> dict[str, float]:
+    """max |delta W| of each wrapped weight, by merged-model name: what merging will add, one layer at a time."""
+    from peft.tuners.lora import LoraLayer
+
+    return {f"{name}.weight": max(module.get_delta_weight(adapter).abs().max().item()
+                                  for adapter in module.active_adapters)
+            for name, module in trained.get_base_model().named_modules() if isinstance(module, LoraLayer)}
+
+
+def check_weights_changed(before: dict[str, str], merged: dict[str, torch.Tensor], sizes: dict[str, float]) -> dict:
+    """Which of the merged model's tensors differ from the base's (`before`: their digests), and by how much
+    (`sizes`); refuses a merge that changed nothing. Digests, not copies: no second set of weights is held."""
     missing = sorted(before.keys() - merged.keys())
     if missing:
         raise VerificationError(f"merged model's tensors do not match the base's: {missing[:5]}")
-    changes = {name: (merged[name].float() - tensor.float()).abs().max().item() for name, tensor in before.items()}
-    changed = sorted(name for name, change in changes.items() if change > 0)
+    changed = sorted(name for name, digest in before.items() if metrics.tensor_digest(merged[name]) != digest)
     if not changed:
-        raise VerificationError(f"merged weights equal the base in all {len(changes)} tensors the adapter wraps: "
+        raise VerificationError(f"merged weights equal the base in all {len(before)} tensors merging can change: "
                                 "the adapter changed nothing (untrained or zeroed?); refusing to release it")
-    return {"tensors": len(merged), "tensors_compared": len(changes), "tensors_changed": len(changed),
-            "max_abs_change": max(changes.values()), "changed": changed}
+    return {"tensors": len(merged), "tensors_compared": len(before), "tensors_changed": len(changed),
+            "max_abs_change": max(sizes.get(name, 0.0) for name in changed), "changed": changed}
 
 
 def check_fp32(model) -> None:
@@ -108,16 +114,25 @@ def merge(cfg: MergeConfig, console: Console | None = None) -> dict:
     with clock("load base"):
         base = load_base(run)
         check_fp32(base)
-    with clock("probe and score base"):
+    with clock("probe base"):
         base_probe = metrics.LogitProbe.capture(base, probe)
+    with clock("score base"):
         base_perplexity = score(base)
     with clock("load adapter"):
         trained = load_trained(run, base)
         params = trained_parameters(run, trained)
-        before = weights_merging_can_change(run, base, trained)
-    with clock("merge"):
+    with clock("fingerprint base"):
+        lora = run.method == PeftMethod.lora
+        can_change = wrapped_weights(trained) if lora else base.state_dict()
+        before = {name: metrics.tensor_digest(tensor) for name, tensor in can_change.items()}
+        sizes = lora_update_sizes(trained) if lora else {
+            name: (trained.state_dict()[name] - tensor).abs().max().item() for name, tensor in can_change.items()}
+        del can_change
+    with clock("probe adapter model"):
         trained_probe = metrics.LogitProbe.capture(trained, probe)
+    with clock("merge"):
         merged = trained.merge_and_unload(safe_merge=True) if run.method == PeftMethod.lora else trained
+    with clock("probe merged"):
         merged_probe = metrics.LogitProbe.capture(merged, probe)
     with clock("checks (a) and (b)"):
         verification = {
@@ -127,7 +142,7 @@ def merge(cfg: MergeConfig, console: Console | None = None) -> dict:
             "adapter_vs_merged_max_abs_logit_diff": metrics.check_within(
                 metrics.max_logit_difference(trained_probe, merged_probe), cfg.tolerance,
                 "(a) adapter model vs merged model"),
-            "weights_changed": check_weights_changed(before, merged.state_dict()),  # (b)
+            "weights_changed": check_weights_changed(before, merged.state_dict(), sizes),  # (b)
             "base_vs_merged_max_abs_logit_diff": metrics.max_logit_difference(base_probe, merged_probe),
         }
         del before, trained_probe, base_probe, base
@@ -153,16 +168,17 @@ def merge(cfg: MergeConfig, console: Console | None = None) -> dict:
         with clock("save"):
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        if cfg.export_onnx:
+            with clock("export onnx"):
+                report["onnx"] = export_onnx(merged, tmp / "onnx", metrics.first_rows(probe, ONNX_CHECK_ROWS),
+                                             cfg.tolerance)
+        del merged, trained  # the probe keeps what (c) compares against: one model in memory at a time
         with clock("check (c): reload"):
             reloaded_probe = metrics.LogitProbe.capture(load_folder(tmp), probe)
             verification["reloaded_vs_merged_max_abs_logit_diff"] = metrics.check_within(  # (c)
                 metrics.max_logit_difference(merged_probe, reloaded_probe), cfg.tolerance,
                 "(c) merged model vs the saved model.safetensors, reloaded")
             del reloaded_probe
-        if cfg.export_onnx:
-            with clock("export onnx"):
-                report["onnx"] = export_onnx(merged, tmp / "onnx", metrics.first_rows(probe, ONNX_CHECK_ROWS),
-                                             cfg.tolerance)
         report["seconds"] = clock.seconds
         atomic.write_json(tmp / bundle.REPORT, report)
         licence = bundle.release_license(run.config, cfg.license)

@@ -4,6 +4,7 @@ the logit comparisons that verify a merged or exported model, peak memory, and p
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import resource
 import sys
@@ -46,10 +47,12 @@ class LogitProbe:
     @classmethod
     @torch.no_grad()
     def capture(cls, model, batch: dict[str, torch.Tensor]) -> LogitProbe:
+        """Row by row, each at its own length: padding the rows to the longest would double the work."""
         was_training = model.training
         model.eval()
         decoder, head = scoring.decoder_and_head(model)
-        hidden = decoder(**batch, use_cache=False).last_hidden_state[batch["attention_mask"].bool()]
+        rows = [ids[mask.bool()].unsqueeze(0) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        hidden = torch.cat([decoder(input_ids=ids, use_cache=False).last_hidden_state[0] for ids in rows])
         model.train(was_training)
         if next(head.children(), None) is not None:  # an adapted head: merging rewrites it in place
             head = copy.deepcopy(head)
@@ -84,6 +87,11 @@ def check_within(difference: float, tolerance: float, what: str) -> float:
     if not difference <= tolerance:  # also catches NaN
         raise VerificationError(f"{what}: logits differ by max |diff| = {difference:.3g} > tolerance {tolerance:g}")
     return difference
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal digests, bit-identical values."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 class Stopwatch:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 HEAD_CHUNK = 512
 # Padded tokens per forward batch: the transformer's activations are freed layer by layer without grad, so this
 # bounds them (and the attention scores of the longest row) rather than a row count.
-BATCH_TOKENS = 8192
+BATCH_TOKENS = 4096
 
 
 def encode_pairs(pairs, tokenizer, max_length: int) -> list[dict]:
