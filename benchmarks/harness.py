@@ -399,13 +399,25 @@ def missing_inputs(device: str, rows: Path) -> str | None:
     return None
 
 
+# The vector extensions that decide fp32 matmul speed on a CPU (oneDNN and MKL pick kernels by them).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def vector_isa() -> list[str]:
+    """Which of ISA_FLAGS this CPU reports (Linux /proc/cpuinfo; [] elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), []) if cpuinfo.exists() else []
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
 def machine(device: str) -> dict:
     from convobot.metrics import versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
         else platform.processor()
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "isa": vector_isa(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "versions": versions()}
     if device == "cuda":

@@ -79,7 +79,8 @@ def tabulate(results: list[Measurement], setup: Setup, args, info: dict, started
 
 def render(summary: dict) -> str:
     info, settings = summary["machine"], summary["settings"]
-    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads)"
+    where = info.get("gpu") or (f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads; "
+                                f"vector ISA: {', '.join(info['isa']) or '?'})")
     lines = [f"# Training throughput: GPT-2 small, reference vs convobot ({summary['device']})", "",
              f"- date: {summary['date']}; machine: {where}, {info['memory_gib']} GiB RAM"
              + (f", GPU memory {info['gpu_memory_gib']} GiB" if "gpu" in info else ""),

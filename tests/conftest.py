@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip: CI and developers have it, a plain clone may not."""
     path = SHARED / "data"
