@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convobot import atomic
 from convobot.config import DataSource, ModelSource, PeftMethod, TrainConfig
+from convobot.errors import VerificationError
 from convobot.template import format_prompt
 
 if TYPE_CHECKING:  # the run dir module loads bundles, so it imports this one
     from convobot.modeling import ParamCount
     from convobot.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 CHECKSUMS = "SHA256SUMS"
 REPORT = "merge_report.json"
@@ -47,12 +51,35 @@ def recorded_run_dir(folder: Path) -> Path | None:
     return Path(report["run_dir"]) if report else None
 
 
+def verify(folder: Path, enabled: bool = True) -> None:
+    """Refuse a bundle whose files differ from its SHA256SUMS, naming them (a folder without one has nothing to
+    check against). `enabled=False` skips the check, with a warning."""
+    if not (Path(folder) / CHECKSUMS).is_file():
+        return
+    if not enabled:
+        log.warning("verify_checksums=false: %s is used without checking its %s", folder, CHECKSUMS)
+        return
+    problems = checksum_mismatches(folder)
+    if problems:
+        raise VerificationError(f"{folder} does not match its {CHECKSUMS}: {'; '.join(problems[:5])} (a file was "
+                                "changed or damaged; verify_checksums=false uses it anyway)")
+
+
 def add_export(folder: Path, name: str, result: dict) -> None:
-    """Record an export written into the bundle (onnx/) in merge_report.json, and hash its files."""
+    """Record an export written into the bundle (`name`/) in merge_report.json and hash its files: only if the rest
+    of the bundle still matches its SHA256SUMS (a bundle that does not verify is never re-signed)."""
+    folder = Path(folder)
+    signed = (folder / CHECKSUMS).is_file()
+    if signed:
+        problems = [p for p in checksum_mismatches(folder) if not p.startswith(f"{name}/")]
+        if problems:
+            log.warning("%s does not match its %s (%s): not recording the export in it", folder, CHECKSUMS,
+                        "; ".join(problems[:3]))
+            return
     report = read_report(folder)
     if report is not None:
-        atomic.write_json(Path(folder) / REPORT, report | {name: result})
-    if (Path(folder) / CHECKSUMS).is_file():
+        atomic.write_json(folder / REPORT, report | {name: result})
+    if signed:
         write_checksums(folder)
 
 
@@ -66,12 +93,14 @@ def write_checksums(folder: Path) -> None:
 def checksum_mismatches(folder: Path) -> list[str]:
     """Files whose SHA-256 differs from SHA256SUMS, or that it lists but are missing, or it does not list."""
     folder = Path(folder)
-    listed = {}
-    for line in (folder / CHECKSUMS).read_text().splitlines():
-        digest, name = line.split("  ", 1)
+    listed, problems = {}, []
+    for number, line in enumerate((folder / CHECKSUMS).read_text(errors="replace").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            problems.append(f"{CHECKSUMS} line {number}: not '<sha256>  <file>'")
         listed[name] = digest
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS}
-    problems = [f"{name}: missing" for name in sorted(listed.keys() - present)]
+    problems += [f"{name}: missing" for name in sorted(listed.keys() - present) if name]
     problems += [f"{name}: not in {CHECKSUMS}" for name in sorted(present - listed.keys())]
     problems += [f"{name}: checksum differs" for name in sorted(present & listed.keys())
                  if _sha256(folder / name) != listed[name]]

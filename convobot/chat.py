@@ -68,7 +68,7 @@ def repl(model, tokenizer, options: GenerationOptions, read: Callable[[str], str
 def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
     """One-shot answer to `cfg.prompt` (returned), or a REPL when there is none."""
     device = resolve_device(cfg.device, key="device")
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg.verify_checksums)
     model.to(device)
     set_seed(cfg.seed)
     if cfg.prompt is not None:

@@ -1,8 +1,8 @@
 """Compare training runs (LoRA vs full fine-tune, or every job of a sweep): a table and four plots.
 
 Examples:
-    convobot-compare outputs/multirun/2026-01-01/12-00-00_smoke          # every job of a sweep
-    convobot-compare outputs/2026-01-01/10-00-00_embedded outputs/2026-01-01/10-09-00_embedded
+    convobot-compare outputs/multirun/2026-01-01/12-00-00-000000_smoke          # every job of a sweep
+    convobot-compare outputs/2026-01-01/10-00-00-000000_embedded outputs/2026-01-01/10-09-00-000000_embedded
     convobot-compare outputs/multirun/*/*_smoke --out reports/smoke --title "LoRA vs full, smoke"
 
 Writes <out>/report.md, <out>/summary.csv and <out>/plots/: loss_curves.png (LoRA vs full overlaid),

@@ -191,6 +191,8 @@ class TrainConfig:
     # false | true (newest checkpoint in this run dir, else an error) | auto (the same, else start fresh)
     # | a run dir or checkpoint-N path. See convobot/resume.py.
     resume: Any = False
+    # Replace an earlier run in the same run dir (its checkpoints, adapter and logs go); refused without it.
+    overwrite: bool = False
     experiment_name: str = "default"
 
 
@@ -267,6 +269,8 @@ class EvalConfig:
     tolerance: float = 1e-4
     # Also write the report as JSON here.
     output: Optional[str] = None
+    # Check a bundle against its SHA256SUMS before loading it.
+    verify_checksums: bool = True
 
 
 @dataclass
@@ -280,6 +284,8 @@ class ExportConfig:
     tolerance: float = 1e-4
     # null: the exporter's default opset.
     opset: Optional[int] = None
+    # Check the bundle against its SHA256SUMS before exporting (and only re-sign it if it matched).
+    verify_checksums: bool = True
 
 
 @dataclass
@@ -294,6 +300,8 @@ class ChatConfig:
     seed: int = 0
     # auto: cuda if available, else cpu.
     device: Device = Device.auto
+    # Check a bundle against its SHA256SUMS before loading it.
+    verify_checksums: bool = True
 
 
 # ----------------------------------------------------------------------------- checking
@@ -316,8 +324,16 @@ def validate(cfg: DictConfig | dict, schema: type = TrainConfig):
         raise ConfigError(f"config key '{key}': {message}") from err
     if isinstance(typed, TrainConfig):
         _check(_training_checks(typed) + _data_checks(typed.data))
-    elif isinstance(typed, EvalConfig) and typed.data is not None:
-        _check(_data_checks(typed.data))
+    elif isinstance(typed, EvalConfig):
+        _check(_eval_checks(typed) + (_data_checks(typed.data) if typed.data is not None else []))
+    elif isinstance(typed, ChatConfig):
+        _check([("prompt", typed.prompt is None or bool(typed.prompt.strip()),
+                 "is empty: give an instruction, or leave prompt out for an interactive session"),
+                ("generation.max_new_tokens", typed.generation.max_new_tokens > 0, "must be > 0")])
+    elif isinstance(typed, MergeConfig):
+        _check([("verify_rows", typed.verify_rows > 0, "must be > 0"),
+                ("perplexity_rows", typed.perplexity_rows > 0, "must be > 0"),
+                ("batch_tokens", typed.batch_tokens > 0, "must be > 0")])
     return typed
 
 
@@ -327,8 +343,20 @@ def _check(checks: list[tuple[str, bool, str]]) -> None:
             raise ConfigError(f"config key '{key}' {why}")
 
 
+def _eval_checks(cfg: EvalConfig) -> list[tuple[str, bool, str]]:
+    return [
+        ("max_rows", cfg.max_rows is None or cfg.max_rows > 0, "must be > 0, or null for all rows"),
+        ("max_length", cfg.max_length is None or cfg.max_length > 1, "must be > 1, or null"),
+        ("batch_tokens", cfg.batch_tokens > 0, "must be > 0"),
+        ("sliding.window", cfg.sliding.window is None or cfg.sliding.window > 1, "must be > 1, or null"),
+        ("sliding.stride", cfg.sliding.stride is None or cfg.sliding.stride > 0,
+         "must be > 0 (and below the window), or null for window // 2"),
+    ]
+
+
 def _data_checks(data: DataConfig) -> list[tuple[str, bool, str]]:
     return [
+        ("data.max_rows", data.max_rows is None or data.max_rows > 0, "must be > 0, or null for all rows"),
         ("data.max_length", data.max_length > 8, "must be > 8"),
         ("data.eval_size", data.eval_size > 0, "must be > 0"),
         # The data group's `path: ???` does not survive the merge onto the schema's null: checked here.
@@ -340,6 +368,10 @@ def _data_checks(data: DataConfig) -> list[tuple[str, bool, str]]:
 def _training_checks(cfg: TrainConfig) -> list[tuple[str, bool, str]]:
     return [
         ("peft.r", cfg.peft.r > 0, "must be > 0"),
+        ("train.max_steps", cfg.train.max_steps > 0 or cfg.train.max_steps == -1,
+         "must be > 0, or -1 to train for train.epochs"),
+        ("train.epochs", cfg.train.max_steps > 0 or cfg.train.epochs > 0, "must be > 0 (or set train.max_steps)"),
+        ("hardware.eval_tokens", cfg.hardware.eval_tokens > 0, "must be > 0"),
         ("peft.dropout", 0 <= cfg.peft.dropout < 1, "must be in [0, 1)"),
         ("model.dropout", cfg.model.dropout is None or 0 <= cfg.model.dropout < 1, "must be in [0, 1), or null"),
         ("peft.target_modules", bool(cfg.peft.target_modules), "must name at least one module"),

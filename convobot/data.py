@@ -42,14 +42,21 @@ def load_rows(cfg: DataConfig) -> tuple[Dataset, dict]:
         (dataset, unparsable), origin = _load_local(Path(cfg.path), cfg.on_bad_row), str(cfg.path)
     else:
         dataset, origin = load_dataset(cfg.path, split=cfg.split), f"{cfg.path} [{cfg.split}]"
+    if len(dataset) == 0:
+        raise DataError(f"{origin}: no rows" + (f" left: all {len(unparsable)} were bad and skipped (rows "
+                                               f"{sorted(unparsable)[:5]})" if unparsable else ""))
     dataset, invalid = _validate(dataset, origin, cfg.on_bad_row)
     bad = sorted(unparsable + invalid)
+    if len(dataset) == 0:
+        raise DataError(f"{origin}: no rows left: all {len(bad)} were bad and skipped (rows {bad[:5]})")
     if cfg.max_rows is not None:
         dataset = dataset.select(range(min(cfg.max_rows, len(dataset))))
     return dataset, {"source": origin, "rows_loaded": len(dataset), "rows_skipped": len(bad), "bad_rows": bad[:20]}
 
 
 def _load_local(path: Path, policy: BadRowPolicy) -> tuple[Dataset, list[int]]:
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file (data.path names a .json/.jsonl/.csv/.parquet)")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     builder = LOCAL_BUILDERS.get(path.suffix.lower())
@@ -59,8 +66,7 @@ def _load_local(path: Path, policy: BadRowPolicy) -> tuple[Dataset, list[int]]:
         # Validate the raw JSON values first: pyarrow's type inference would name no row, and can
         # silently turn a column of "4"-like strings into ints when one row holds a number.
         rows, bad = _scan_json(path, policy)
-        if bad:
-            return Dataset.from_list(rows), bad
+        return Dataset.from_list(rows), bad
     try:
         return load_dataset(builder, data_files=str(path), split="train"), []
     except Exception as err:
@@ -69,7 +75,11 @@ def _load_local(path: Path, policy: BadRowPolicy) -> tuple[Dataset, list[int]]:
 
 def _scan_json(path: Path, policy: BadRowPolicy) -> tuple[list[dict], list[int]]:
     """Parse a JSON array or JSON-lines file and check each row; returns good rows and bad row numbers."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not data
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {err.start}: {err.reason})") from err
     if text.lstrip().startswith("["):
         try:
             numbered = list(enumerate(json.loads(text), start=1))
@@ -138,32 +148,67 @@ def _row_problem(row: dict) -> str | None:
 def split_rows(dataset: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """Deterministic held-out split (seeded), so every run of an experiment scores the same rows."""
     size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-    parts = dataset.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
+    try:
+        parts = dataset.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
+    except ValueError as err:  # nothing left on one side
+        raise DataError(f"config key 'data.eval_size': {cfg.eval_size} does not split {len(dataset)} rows into "
+                        f"training and held-out rows ({err})") from err
     held_out = parts["test"]
     if cfg.max_eval_rows is not None:
         held_out = held_out.select(range(min(cfg.max_eval_rows, len(held_out))))
     return parts["train"], held_out
 
 
-def count_truncated(pairs: Dataset, tokenizer, max_length: int) -> int:
-    """Rows whose prompt + completion + EOS exceed max_length tokens (TRL keeps the start)."""
+def char_budget(tokenizer, max_length: int) -> int:
+    """Characters that always hold more than `max_length` tokens: no token is longer than the longest vocabulary
+    entry (byte-level BPE: one character per byte), so cutting text there changes none of the tokens kept, and a
+    50 MB row costs what max_length tokens cost. Twice that, for what the cut does to the token at the cut."""
+    longest = max(len(token) for token in tokenizer.get_vocab())
+    return 2 * (max_length + 1) * longest
+
+
+def cut_pair(pair: dict, budget: int) -> dict:
+    """A prompt/completion pair with no more than `budget` characters in all."""
+    prompt = pair["prompt"][:budget]
+    return {"prompt": prompt, "completion": pair["completion"][:budget - len(prompt)]}
+
+
+def _formatted_and_cut(row: dict, budget: int) -> dict:
+    return cut_pair(format_example(row), budget)
+
+
+def format_and_cut(rows: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Alpaca rows -> prompt/completion pairs, each cut to what max_length tokens can hold."""
+    return rows.map(_formatted_and_cut, fn_kwargs={"budget": char_budget(tokenizer, max_length)},
+                    remove_columns=list(FIELDS))
+
+
+def token_lengths(pairs: Dataset, tokenizer) -> tuple[list[int], list[int]]:
+    """Tokens of each prompt, and of each whole row (prompt + completion + EOS)."""
+    prompts = [len(ids) for ids in tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]]
     texts = [p + c for p, c in zip(pairs["prompt"], pairs["completion"])]
-    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    return sum(length > max_length for length in lengths)
+    return prompts, [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def prepare(cfg: DataConfig, tokenizer) -> InstructionData:
     """Load, validate, split and format the configured data."""
     rows, stats = load_rows(cfg)
     train_rows, eval_rows = split_rows(rows, cfg)
-    train = train_rows.map(format_example, remove_columns=list(FIELDS))
-    evaluation = eval_rows.map(format_example, remove_columns=list(FIELDS))
+    train = format_and_cut(train_rows, tokenizer, cfg.max_length)
+    evaluation = format_and_cut(eval_rows, tokenizer, cfg.max_length)
+    (train_prompts, train_lengths), (_, eval_lengths) = token_lengths(train, tokenizer), token_lengths(evaluation,
+                                                                                                       tokenizer)
     stats |= {
         "train_rows": len(train),
         "eval_rows": len(evaluation),
-        "truncated_train_rows": count_truncated(train, tokenizer, cfg.max_length),
-        "truncated_eval_rows": count_truncated(evaluation, tokenizer, cfg.max_length),
+        "truncated_train_rows": sum(length > cfg.max_length for length in train_lengths),
+        "truncated_eval_rows": sum(length > cfg.max_length for length in eval_lengths),
+        # With the loss on the response only, these rows train nothing: the prompt fills data.max_length.
+        "train_rows_without_answer": sum(length >= cfg.max_length for length in train_prompts),
     }
+    if stats["train_rows_without_answer"] == len(train) and cfg.completion_only:
+        raise DataError(f"config key 'data.max_length': {cfg.max_length} tokens leave no room for any answer: every "
+                        f"training prompt is at least that long (shortest {min(train_prompts)} tokens)")
     if stats["truncated_train_rows"]:
         log.warning("%d training rows exceed data.max_length=%d tokens and will be truncated",
                     stats["truncated_train_rows"], cfg.max_length)

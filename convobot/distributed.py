@@ -24,6 +24,11 @@ from transformers import TrainerCallback
 from convobot.metrics import tensor_digest
 
 
+def rank() -> int:
+    """This process's rank under torchrun / accelerate launch / SLURM (0 when alone)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 

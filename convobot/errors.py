@@ -34,6 +34,11 @@ class MissingExtraError(UserError, ImportError):
     """A feature needs an optional extra that is not installed; the message says which `pip install` to run."""
 
 
+class SaveError(UserError, OSError):
+    """A write failed (disk full, read-only, a file in the way); the message names the path. Nothing half-written
+    is left: the old file or folder stays, or there is none."""
+
+
 class OutputExistsError(UserError, FileExistsError):
     """An output folder or file exists and overwrite was not asked for."""
 

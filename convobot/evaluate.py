@@ -83,7 +83,7 @@ def score(model, tokenizer, heldout: HeldOut, cfg: EvalConfig) -> dict:
     result = scoring.perplexities(model, heldout.pairs, tokenizer, max_length, cfg.batch_tokens)
     if cfg.sliding.enabled:
         window = min(cfg.sliding.window or context, context)
-        stride = cfg.sliding.stride or window // 2
+        stride = window // 2 if cfg.sliding.stride is None else cfg.sliding.stride
         if not 0 < stride < window:
             raise ConfigError(f"config key 'sliding.stride' must be in [1, {window - 1}] (window {window}), got {stride}")
         stream = scoring.token_stream(heldout.pairs, tokenizer)
@@ -96,7 +96,7 @@ def models_to_score(cfg: EvalConfig, run: RunDir | None):
     """(label, loader) pairs; each model is loaded only when its turn comes, to hold one at a time."""
     if not cfg.compare:
         path = cfg.model or cfg.run_dir
-        return [(Path(path).name or path, lambda: load_model(path))]
+        return [(Path(path).name or path, lambda: load_model(path, cfg.verify_checksums))]
     unknown = sorted(set(cfg.compare) - set(MODELS))
     if unknown:
         raise ConfigError(f"config key 'compare': unknown model(s) {unknown}; choose from {list(MODELS)}")
@@ -106,7 +106,7 @@ def models_to_score(cfg: EvalConfig, run: RunDir | None):
 
     def merged():
         if cfg.model:
-            return load_model(cfg.model)
+            return load_model(cfg.model, cfg.verify_checksums)
         trained = load_trained(run)
         return (trained.merge_and_unload() if run.method == PeftMethod.lora else trained), tokenizer
 

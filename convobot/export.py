@@ -111,7 +111,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     if not (folder / "config.json").is_file():
         raise ModelPathError(f"{folder} is not a merged model folder (no config.json); "
                              "export the bundle convobot-merge writes, not a run dir or an adapter")
-    model, tokenizer = load_model(folder)
+    model, tokenizer = load_model(folder, cfg.verify_checksums)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "onnx"
     with atomic.directory(output_dir, overwrite=cfg.overwrite) as tmp:
         result = export_onnx(model, tmp, example_batch(tokenizer), cfg.tolerance, cfg.opset)

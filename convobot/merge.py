@@ -1,7 +1,7 @@
 """Merge a run's LoRA adapter into its fp32 base, verify the result, and write a release bundle.
 
 Examples:
-    convobot-merge run_dir=outputs/2026-01-01/12-00-00_embedded output_dir=release/convobot-tiny
+    convobot-merge run_dir=outputs/2026-01-01/12-00-00-000000_embedded output_dir=release/convobot-tiny
     convobot-merge run_dir=outputs/demo output_dir=outputs/demo/release overwrite=true
     convobot-merge run_dir=outputs/demo output_dir=release/demo export_onnx=true   # + onnx/model.onnx
     convobot-merge run_dir=... output_dir=... push_to_hub=you/convobot-gpt2-alpaca  # upload (needs a token)

@@ -20,8 +20,9 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import sort_checkpoints
 
 from convobot import atomic
+from convobot.config import TrainConfig, to_container
 from convobot.errors import ConfigError
-from convobot.rundir import CHECKPOINTS, METRICS_LOG, SAMPLES
+from convobot.rundir import CHECKPOINTS, CONFIG, METRICS_LOG, SAMPLES, read_config
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,61 @@ def steps_and_tokens(checkpoint: Path | None) -> tuple[int, int]:
     return state.global_step, state.num_input_tokens_seen
 
 
-def check_unfinished(trainer, checkpoint: Path) -> None:
-    """Refuse to resume from the end of training: transformers' Trainer would train one step past it."""
+def end_of_training(trainer, checkpoint: Path) -> tuple[int, int] | None:
+    """(step, planned steps) if `checkpoint` is the last step the run plans, else None. Resuming from there would
+    make transformers' Trainer train one step past the end."""
     state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
     if state.global_step < state.max_steps:
-        return
+        return None
     planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
-    if state.global_step >= planned:
-        raise ConfigError(f"config key 'resume': {checkpoint} already finished training (step {state.global_step} of "
-                          f"{planned}); raise train.max_steps or train.epochs to train further")
+    return (state.global_step, planned) if state.global_step >= planned else None
+
+
+def load_finished(trainer, checkpoint: Path) -> float:
+    """Put the last checkpoint's weights and state into `trainer` instead of training; returns the mean of the
+    logged training losses (the checkpoint keeps no running total)."""
+    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader: adapter or full weights alike
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+# Config groups a resumed run must keep: they decide the model, the adapter and the rows it trains on.
+FIXED_ON_RESUME = ("model", "peft", "data")
+# Keys that say how to start, not what to train.
+LAUNCH_KEYS = {"resume", "overwrite"}
+
+
+def check_config(checkpoint: Path, run_dir: Path, cfg: TrainConfig) -> dict[str, list]:
+    """Compare `cfg` with the config the checkpoint's run saved, before anything is written: a change to a
+    FIXED_ON_RESUME key is refused naming the keys; the others (max_steps, logging, ...) are returned as
+    {key: [saved, now]} for metrics.json."""
+    source = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else run_dir
+    saved_file = source / CONFIG
+    if not saved_file.is_file():
+        return {}
+    saved = _flat(to_container(read_config(saved_file)))
+    now = _flat(to_container(cfg))
+    changed = {key: [saved.get(key), now.get(key)] for key in sorted(saved.keys() | now.keys())
+               if saved.get(key) != now.get(key) and key not in LAUNCH_KEYS}
+    fixed = [key for key in changed if key.split(".", 1)[0] in FIXED_ON_RESUME]
+    if fixed:
+        shown = ", ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in fixed[:5])
+        raise ConfigError(f"config key 'resume': {saved_file} was trained with other {'/'.join(FIXED_ON_RESUME)} "
+                          f"settings ({shown}); resume with the same ones, or start a new run")
+    if changed:
+        log.info("resuming with changed settings: %s", changed)
+    return changed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def rewind_run_dir(run_dir: Path, step: int) -> None:

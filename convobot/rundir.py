@@ -14,15 +14,21 @@ Every command that reads or writes a run goes through this module, so the layout
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import OmegaConf
 
 from convobot import atomic, bundle
 from convobot.config import ModelSource, PeftMethod, TrainConfig, to_container, validate
-from convobot.errors import ModelPathError, RunDirError
+from convobot.errors import ConfigError, ModelPathError, RunDirError
 from convobot.template import format_example
 
 # Model loading imports torch, transformers and datasets where it happens: convobot-compare and the sweep
@@ -36,6 +42,7 @@ METRICS_LOG = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+LOCK = ".lock"
 
 
 def weights_dirname(method: PeftMethod) -> str:
@@ -88,11 +95,21 @@ def open_run(path: str | Path) -> RunDir:
     config_file = path / CONFIG
     if not config_file.is_file():
         raise ModelPathError(f"{path} is not a convobot run dir: {CONFIG} is missing")
-    run = RunDir(path, validate(OmegaConf.load(config_file)))
+    run = RunDir(path, read_config(config_file))
     if not run.weights_dir.is_dir():
         raise ModelPathError(f"{run.weights_dir} is missing: the run has not saved its "
                              f"{weights_dirname(run.method)} (did training finish?)")
     return run
+
+
+def read_config(config_file: Path) -> TrainConfig:
+    """A run's config.yaml, validated; one line naming the file if it is not a readable training config."""
+    try:
+        return validate(OmegaConf.load(config_file))
+    except ConfigError as err:
+        raise RunDirError(f"{config_file}: {err}") from err
+    except Exception as err:  # YAML syntax, encoding
+        raise RunDirError(f"{config_file}: not a readable config ({str(err).splitlines()[0]})") from err
 
 
 def run_behind(path: str | Path) -> RunDir | None:
@@ -106,6 +123,62 @@ def run_behind(path: str | Path) -> RunDir | None:
         return open_run(path)
     recorded = bundle.recorded_run_dir(path)
     return open_run(recorded) if recorded is not None and recorded.is_dir() else None
+
+
+# --- owning it (convobot-train, main process)
+
+
+@contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` for the life of a run (flock on its .lock file, which names the
+    holder); a second process is refused at once. The kernel drops the lock when its process dies, however."""
+    run_dir = usable_dir(run_dir)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(f"{run_dir} is in use by another run (process {holder}); wait for it to finish or pick "
+                          "another hydra.run.dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def usable_dir(run_dir: Path) -> Path:
+    """`run_dir`, created if need be; one line naming it if it cannot be (a file there, no permission)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=run_dir)
+        probe.close()
+    except OSError as err:
+        raise RunDirError(f"cannot use {run_dir} as a run dir: {err.strerror or err}") from err
+    return run_dir
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """What an earlier run left in `run_dir`: everything but what Hydra writes before a run starts (.hydra/ and
+    its log) and the lock."""
+    return sorted(p.name for p in Path(run_dir).iterdir()
+                  if p.name not in (".hydra", LOCK) and not (p.is_file() and p.suffix == ".log"))
+
+
+def start_fresh(run_dir: Path, overwrite: bool) -> None:
+    """Make `run_dir` ready for a run from step 0: refuse one that holds an earlier run unless `overwrite`, in
+    which case its files go (a fresh start never appends to an old metrics.jsonl or mixes checkpoints)."""
+    found = earlier_run(run_dir)
+    if found and not overwrite:
+        raise RunDirError(f"{run_dir} already holds a run ({', '.join(found[:6])}): pass resume=true to continue "
+                          "it, overwrite=true to replace it, or another hydra.run.dir")
+    for name in found:
+        path = Path(run_dir) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 # --- writing (convobot-train, main process)
@@ -173,12 +246,36 @@ def is_run_dir(path: Path) -> bool:
 
 # --- models
 
+# Pickled weights: loading one runs whatever code it carries, so convobot refuses them.
+PICKLED = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+
+
+def require_safetensors(folder: Path, weights: str) -> Path:
+    """`folder`/`weights` (a .safetensors file), readable; one line naming the file otherwise."""
+    from safetensors import safe_open
+
+    path = Path(folder) / weights
+    if not path.is_file() and not path.with_name(f"{path.stem}.safetensors.index.json").is_file():
+        pickled = [name for name in PICKLED if (Path(folder) / name).is_file()]
+        if pickled:
+            raise ModelPathError(f"{Path(folder) / pickled[0]} is pickled weights; convobot loads safetensors only "
+                                 f"({weights})")
+        raise ModelPathError(f"{path} is missing")
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt"):  # reads the header: a cut-off file fails here
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+            raise ModelPathError(f"{path}: not a readable safetensors file ({err})") from err
+    return path
+
 
 def load_folder(folder: Path):
     """A save_pretrained folder in fp32: safetensors only, never remote code."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    require_safetensors(folder, "model.safetensors")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=False).eval()
 
@@ -204,18 +301,21 @@ def load_trained(run: RunDir, base=None):
         return load_folder(run.weights_dir)
     from peft import PeftModel
 
+    require_safetensors(run.weights_dir, "adapter_model.safetensors")
     return PeftModel.from_pretrained(base if base is not None else load_base(run), run.weights_dir,
-                                     is_trainable=False).eval()
+                                     is_trainable=False, use_safetensors=True).eval()
 
 
-def load_model(path: str | Path):
-    """(model, tokenizer) for chat and eval from a merged bundle / model folder, a run dir, or its adapter/."""
+def load_model(path: str | Path, verify_checksums: bool = True):
+    """(model, tokenizer) for chat and eval from a merged bundle / model folder, a run dir, or its adapter/.
+    A bundle is checked against its SHA256SUMS first (`verify_checksums=False` skips that, with a warning)."""
     from convobot.modeling import load_tokenizer
 
     path = Path(path)
     if not path.exists():
         raise ModelPathError(f"model path {path} does not exist")
-    if bundle.is_model_folder(path):
+    if bundle.is_model_folder(path) or (path / "config.json").is_file() and not (path / CONFIG).is_file():
+        bundle.verify(path, verify_checksums)
         return load_folder(path), load_tokenizer(str(path))
     if (path / "adapter_config.json").is_file():
         path = path.parent  # an adapter/ folder: its run dir knows the base

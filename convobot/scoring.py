@@ -20,6 +20,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from convobot.data import char_budget, cut_pair
+
 # Positions the LM head scores at once: their fp32 logits and cross-entropy's log-softmax of them are
 # 2 x 512 x 50,257 x 4 bytes = 206 MB for GPT-2, whatever the batch.
 HEAD_CHUNK = 512
@@ -31,8 +33,10 @@ BATCH_TOKENS = 4096
 def encode_pairs(pairs, tokenizer, max_length: int) -> list[dict]:
     """prompt/completion pairs -> scored rows, the way TRL's SFTTrainer tokenizes them: prompt + completion + EOS,
     keeping the first `max_length` tokens. A row whose answer was cut away scores nothing as "response"."""
-    prompts = tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]
-    texts = [p + c for p, c in zip(pairs["prompt"], pairs["completion"])]
+    budget = char_budget(tokenizer, max_length)  # a huge row costs what max_length tokens cost
+    cut = [cut_pair(pair, budget) for pair in pairs]
+    prompts = tokenizer([pair["prompt"] for pair in cut], add_special_tokens=False)["input_ids"]
+    texts = [pair["prompt"] + pair["completion"] for pair in cut]
     rows = []
     for prompt_ids, ids in zip(prompts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         ids = (ids + [tokenizer.eos_token_id])[:max_length]

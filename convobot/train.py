@@ -15,6 +15,7 @@ The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,10 +32,12 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from convobot import attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir, scoring
+from convobot import (atomic, attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir,
+                      scoring)
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
 from convobot.cli import one_line_errors
 from convobot.config import CONF_DIR, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
+from convobot.errors import ConfigError, SaveError
 from convobot.generate import answer
 from convobot.optim import OptimizerChoice, describe_optimizer, resolve_optimizer
 from convobot.plan import check_fits
@@ -110,6 +113,19 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
     )
 
 
+@contextlib.contextmanager
+def torch_save_errors(run_dir: Path):
+    """torch.save (the Trainer's optimizer and RNG state) reports a full disk as a RuntimeError from its zip writer;
+    say it in one line. The half-written checkpoint has no trainer_state.json, so resume skips and removes it."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "PytorchStreamWriter" not in str(err) and "inline_container" not in str(err):
+            raise
+        raise SaveError(f"could not write a checkpoint in {run_dir / rundir.CHECKPOINTS} (disk full?): "
+                        f"{str(err).splitlines()[0]}") from err
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision, tokenizer,
                   dataset: data.InstructionData) -> tuple[SFTTrainer, OptimizerChoice]:
     """The model (base, dropout, LoRA), the optimizer and TRL's SFTTrainer for `cfg`: what `run` trains and
@@ -145,10 +161,19 @@ def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> 
 
 def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = ()) -> dict:
     """Train one experiment into `run_dir` and return its metrics (also written to metrics.json).
-    `callbacks` join the Trainer's (benchmarks and tests read memory and state through them)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    `callbacks` join the Trainer's (benchmarks and tests read memory and state through them). The run dir
+    belongs to this run while it lasts: rank 0 holds its lock."""
+    run_dir = rundir.usable_dir(run_dir)
+    with rundir.claimed(run_dir) if distributed.rank() == 0 else contextlib.nullcontext():
+        return train_into(cfg, run_dir, list(callbacks))
+
+
+def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]) -> dict:
+    """The recipe, in a run dir this process owns."""
     checkpoint = resume.find_checkpoint(cfg.resume, run_dir)  # before any work: a wrong path fails at once
+    if checkpoint is None and distributed.rank() == 0:
+        # resume=auto found nothing to continue: what is there is an earlier attempt of this run (SLURM requeue).
+        rundir.start_fresh(run_dir, overwrite=cfg.overwrite or cfg.resume == "auto")
     started = time.perf_counter()
     datasets.disable_progress_bars()  # one bar for the run: training
     set_seed(cfg.seed)
@@ -162,13 +187,18 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
     # --- setup: data, model, optimizer
     max_length = modeling.fit_context(cfg.data.max_length, modeling.configured_context(cfg.model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))
+    resume_changes = resume.check_config(checkpoint, run_dir, cfg) if checkpoint else {}
     tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
     dataset = data.prepare(cfg.data, tokenizer)
     trainer, optimizer = build_trainer(cfg, run_dir, device, precision, tokenizer, dataset)
     params = modeling.count_parameters(trainer.model)
     log.info("%s", params)
-    if checkpoint:
-        resume.check_unfinished(trainer, checkpoint)
+    # Killed after its last checkpoint but before saving: nothing is left to train, only to save and score.
+    end = resume.end_of_training(trainer, checkpoint) if checkpoint else None
+    if end and rundir.read_metrics(run_dir) is not None:
+        raise ConfigError(f"config key 'resume': {checkpoint} already finished training (step {end[0]} of {end[1]}); "
+                          "raise train.max_steps or train.epochs to train further")
+    finishing = end is not None
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossAndThroughputProgress())
     trainer.add_callback(MetricsJsonl(run_dir / rundir.METRICS_LOG))
@@ -191,9 +221,15 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
     if checkpoint and is_main:
         log.info("resuming from %s (step %d)", checkpoint, resumed_step)
         resume.rewind_run_dir(run_dir, resumed_step)
-    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if finishing:
+        log.info("%s is the last step: saving and scoring it (the run stopped before it could)", checkpoint)
+        train_loss, train_seconds = resume.load_finished(trainer, checkpoint), 0.0
+    else:
+        with atomic.saving(run_dir / rundir.CHECKPOINTS, "checkpoints in"), torch_save_errors(run_dir):
+            train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_loss = train_output.training_loss
+        train_seconds = train_output.metrics.get("train_runtime", time.perf_counter() - started)
     state = trainer.state
-    train_seconds = train_output.metrics.get("train_runtime", time.perf_counter() - started)
 
     # --- save (main process only; written to a temp folder, then renamed)
     if is_main:
@@ -205,7 +241,7 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
     results = {
         "experiment": cfg.experiment_name,
         "method": cfg.peft.method.value,
-        "train_loss": train_output.training_loss,
+        "train_loss": train_loss,
         **after,
         "before": before,
         "trainable_params": params.trainable,
@@ -219,6 +255,7 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
         "steps": state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "resumed_from_step": resumed_step,
+        "resume_changes": resume_changes,
         "best_checkpoint": state.best_model_checkpoint,
         "world_size": world,
         "effective_batch_size": cfg.hardware.batch_size * cfg.hardware.grad_accum * world,
@@ -226,7 +263,7 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
         "device": device.type,
         "precision": precision.value,
         "optimizer_requested": optimizer.requested,
-        "optimizer": describe_optimizer(trainer.optimizer),
+        "optimizer": describe_optimizer(trainer.optimizer) if trainer.optimizer else optimizer.name,
         "optimizer_fallback_reason": optimizer.fallback_reason,
         "data": dataset.stats,
         "wall_seconds": time.perf_counter() - started,

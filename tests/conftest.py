@@ -82,3 +82,16 @@ def compose_command():
     from convobot.config import compose_command
 
     return lambda name, *overrides: compose_command(name, list(overrides))
+
+
+@pytest.fixture
+def tampered_bundle(smoke_release, tmp_path) -> Path:
+    """A copy of the smoke bundle with one byte of its model.safetensors flipped (past the header: it still loads)."""
+    import shutil
+
+    copy = shutil.copytree(smoke_release.release, tmp_path / "tampered")
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01
+    weights.write_bytes(bytes(data))
+    return copy

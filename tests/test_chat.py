@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from convobot.chat import chat, repl
 from convobot.cli import run_command
 from convobot.config import ChatConfig, GenerationOptions
-from convobot.errors import ModelPathError, PromptTooLongError
+from convobot.errors import ModelPathError, PromptTooLongError, VerificationError
 from convobot.generate import answer, stream_answer
 from convobot.rundir import load_model
 from convobot.template import format_prompt
@@ -103,3 +103,12 @@ def test_bad_paths_give_clear_errors(smoke_release, tmp_path):
         chat(ChatConfig(model=str(tmp_path), prompt="hi"))
     with pytest.raises(SystemExit, match="convobot-chat: ModelPathError: .* is not a model"):
         run_command("convobot-chat", ChatConfig, chat, OmegaConf.structured(ChatConfig(model=str(tmp_path), prompt="hi")))
+
+
+def test_a_tampered_bundle_is_refused_naming_the_file(tampered_bundle, caplog):
+    with pytest.raises(VerificationError, match=r"does not match its SHA256SUMS: model.safetensors: checksum differs"):
+        chat(ChatConfig(model=str(tampered_bundle), prompt="hi"), out=io.StringIO())
+    with caplog.at_level("WARNING"):  # asked for: used anyway, and said so
+        chat(ChatConfig(model=str(tampered_bundle), prompt="hi", generation=GREEDY, verify_checksums=False),
+             out=io.StringIO())
+    assert "verify_checksums=false" in caplog.text

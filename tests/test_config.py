@@ -67,3 +67,25 @@ def test_experiment_files_show_their_command():
         lines = Path(path).read_text().splitlines()
         assert lines[0] == "# @package _global_", path
         assert f"experiment={path.stem}" in lines[1], f"{path}: second line should show the launch command"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=0", "train.max_steps"), ("train.epochs=0", "train.epochs"), ("data.max_rows=0", "data.max_rows"),
+    ("hardware.eval_tokens=0", "hardware.eval_tokens"),
+])
+def test_settings_that_would_train_nothing_are_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"config key '{key}'"):
+        validate(compose([override]))
+
+
+@pytest.mark.parametrize("command, overrides, key", [
+    ("eval", ["model=m", "max_rows=0"], "max_rows"),
+    ("eval", ["model=m", "sliding.stride=0"], "sliding.stride"),
+    ("chat", ["model=m", "prompt=' '"], "prompt"),
+    ("merge", ["run_dir=r", "output_dir=o", "verify_rows=0"], "verify_rows"),
+])
+def test_command_settings_out_of_range_name_their_key(command, overrides, key):
+    from convobot.config import compose_command
+
+    with pytest.raises(ConfigError, match=rf"config key '{key}'"):
+        compose_command(command, overrides)

@@ -95,3 +95,63 @@ def test_real_alpaca_gpt4_rows_load_and_format(shared_data):
     assert all(p.endswith("### Response:\n") for p in prompts)
     # The README of the sample counts 23 of 788 rows over 512 tokens (template + EOS).
     assert 15 <= prepared.stats["truncated_train_rows"] + prepared.stats["truncated_eval_rows"] <= 30
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 3)
+    rows, _ = load_rows(local(path))
+    assert len(rows) == 3 and rows[0]["instruction"] == GOOD["instruction"]
+
+
+def test_text_that_is_not_utf8_is_named_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode() + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2 is not UTF-8 text"):
+        load_rows(local(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no rows"),
+    ("{oops\n[1]\n", r"no rows left: all 2 were bad and skipped \(rows \[1, 2\]\)"),
+])
+def test_a_file_with_nothing_usable_says_so(tmp_path, content, message):
+    (tmp_path / "rows.jsonl").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_rows(local(tmp_path / "rows.jsonl", on_bad_row="skip"))
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(DataError, match="is a directory, not a data file"):
+        load_rows(local(tmp_path / "rows.jsonl"))
+
+
+def test_a_held_out_split_larger_than_the_data_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD] * 5)
+    with pytest.raises(DataError, match=r"config key 'data.eval_size': 10 does not split 5 rows"):
+        prepare(local(path, eval_size=10), load_tokenizer("bundled"))
+
+
+def test_max_length_with_no_room_for_any_answer_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD] * 20)
+    with pytest.raises(DataError, match=r"data.max_length': 9 tokens leave no room for any answer"):
+        prepare(local(path, eval_size=2, max_length=9), load_tokenizer("bundled"))
+
+
+def test_a_huge_row_costs_what_max_length_tokens_cost(tmp_path):
+    """A row of megabytes is cut by characters before tokenizing; what max_length tokens hold is unchanged."""
+    from convobot.data import char_budget
+    from convobot.template import format_example
+
+    tokenizer = load_tokenizer("bundled")
+    huge = {"instruction": "Repeat the words.", "input": "", "output": "apple bird " * 400_000}  # 4.4 MB
+    path = write_jsonl(tmp_path / "rows.jsonl", [huge] + [GOOD] * 9)
+    dataset = prepare(local(path, eval_size=1, split_seed=3, max_length=64), tokenizer)
+    pairs = [pair for pair in dataset.train if pair["completion"].startswith("apple")]
+    budget = char_budget(tokenizer, 64)
+    assert len(pairs) == 1 and len(pairs[0]["prompt"] + pairs[0]["completion"]) <= budget < 100_000
+    whole = format_example(huge)
+    cut = tokenizer(pairs[0]["prompt"] + pairs[0]["completion"], add_special_tokens=False)["input_ids"][:64]
+    assert cut == tokenizer(whole["prompt"] + whole["completion"][:budget * 4],
+                            add_special_tokens=False)["input_ids"][:64]

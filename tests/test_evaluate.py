@@ -120,3 +120,8 @@ def test_eval_config_and_bad_input_errors(smoke_release, tmp_path, compose_comma
         quiet_evaluate(run_dir=str(smoke_release.run_dir), compare=["base", "tuned"])
     with pytest.raises(ConfigError, match="sliding.stride"):
         quiet_evaluate(model=str(smoke_release.release), max_rows=2, sliding=SlidingConfig(window=32, stride=32))
+
+
+def test_a_tampered_bundle_is_not_scored(tampered_bundle):
+    with pytest.raises(VerificationError, match="model.safetensors: checksum differs"):
+        quiet_evaluate(model=str(tampered_bundle), sliding=SlidingConfig(enabled=False))

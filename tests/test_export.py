@@ -104,3 +104,14 @@ def test_a_missing_extra_names_the_pip_install(smoke_release, tmp_path, monkeypa
         quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(tmp_path / "bundle"), export_onnx=True)
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "bundle").exists()
 
+
+
+def test_a_tampered_bundle_is_not_exported_nor_re_signed(tampered_bundle):
+    listed = (tampered_bundle / CHECKSUMS).read_text()
+    with pytest.raises(VerificationError, match="model.safetensors: checksum differs"):
+        export(ExportConfig(model=str(tampered_bundle)), console=Console(file=io.StringIO()))
+    assert not (tampered_bundle / "onnx").exists()
+    export(ExportConfig(model=str(tampered_bundle), verify_checksums=False), console=Console(file=io.StringIO()))
+    assert (tampered_bundle / "onnx" / "model.onnx").is_file()
+    assert (tampered_bundle / CHECKSUMS).read_text() == listed  # not re-signed: the damage still shows
+    assert "model.safetensors: checksum differs" in checksum_mismatches(tampered_bundle)

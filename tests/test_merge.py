@@ -4,8 +4,10 @@ The shared LoRA smoke run and its bundle (`smoke_release`) come from conftest.py
 """
 
 import io
+import os
 import re
 import shutil
+import stat
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -197,3 +199,56 @@ def test_a_hub_style_base_loads_by_name(smoke_release, tmp_path, quiet_merge):
     assert report["base_model"] == str(base)
     assert report["verification"]["weights_changed"]["tensors_changed"] == 8
     assert "license: other" in (tmp_path / "out" / "README.md").read_text()  # unknown base: no licence guessed
+
+
+def test_pickled_or_damaged_adapter_weights_are_refused(smoke_release, tmp_path, quiet_merge):
+    run_dir = shutil.copytree(smoke_release.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    torch.save(load_file(weights), run_dir / "adapter" / "adapter_model.bin")  # a pickle, as older tools save
+    weights.unlink()
+    with pytest.raises(ModelPathError, match=r"adapter_model.bin is pickled weights; convobot loads safetensors only"):
+        quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "out"), perplexity=False)
+    with pytest.raises(ModelPathError, match="pickled weights"):
+        load_model(run_dir)
+    (run_dir / "adapter" / "adapter_model.bin").unlink()
+    weights.write_bytes((smoke_release.run_dir / "adapter" / "adapter_model.safetensors").read_bytes()[:50])
+    with pytest.raises(ModelPathError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_model(run_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_files_are_readable_by_all(smoke_release):
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in smoke_release.release.iterdir()}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+KILL_WHILE_WRITING_THE_BUNDLE = """
+import os, signal, sys
+from convobot import bundle
+from convobot.config import MergeConfig
+from convobot.merge import merge
+
+bundle.write_checksums = lambda folder: os.kill(os.getpid(), signal.SIGKILL)  # the bundle's last file
+merge(MergeConfig(run_dir=sys.argv[1], output_dir=sys.argv[2], perplexity=False))
+"""
+
+
+def test_a_killed_merge_leaves_nothing_the_next_merge_does_not_clean_up(smoke_release, tmp_path, quiet_merge):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "release"
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_WRITING_THE_BUNDLE, str(smoke_release.run_dir),
+                             str(out)], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = tmp_path.glob(".release.*.tmp")  # the whole model, half-released: never renamed into place
+    assert (left / "model.safetensors").is_file() and not out.exists()
+    quiet_merge(run_dir=str(smoke_release.run_dir), output_dir=str(out), perplexity=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"] and checksum_mismatches(out) == []

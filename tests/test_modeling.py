@@ -87,3 +87,15 @@ def test_fused_gelu_computes_what_gelu_new_does(tokenizer):
     assert torch.allclose(fused(ids).logits, model(ids).logits, atol=1e-5)
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_asking_for_cuda_without_a_gpu_names_the_key():
+    from convobot.config import Device
+    from convobot.errors import ConfigError
+    from convobot.modeling import resolve_device
+
+    with pytest.raises(ConfigError, match=r"config key 'hardware.device': hardware.device=cuda but no CUDA device"):
+        resolve_device(Device.cuda)
+    assert resolve_device(Device.cuda, require=False).type == "cuda"  # planning for a card needs none
+    assert resolve_device(Device.auto).type == "cpu"

@@ -193,3 +193,56 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path)
     expected = json.loads((reference / "metrics.json").read_text())
     assert math.isclose(results["eval_loss"], expected["eval_loss"], rel_tol=1e-4)
     assert results["train_tokens"] == expected["train_tokens"]
+
+
+def test_resume_refuses_a_changed_model_or_adapter_before_writing_anything(tmp_path, one_thread):
+    overrides = ["experiment=smoke", "train.max_steps=2", "train.save_steps=2", *QUIET]
+    run(validate(compose(overrides)), tmp_path)
+    saved = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "adapter").rename(tmp_path / "adapter.kept")
+    with pytest.raises(ConfigError, match=r"other model/peft/data settings \(peft.r: 8 -> 16\)"):
+        run(validate(compose([*overrides, "resume=true", "peft.r=16"])), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == saved  # nothing rewritten
+
+
+def test_resume_may_change_how_long_to_train_and_records_it(tmp_path, one_thread):
+    overrides = ["experiment=smoke", "train.save_steps=2", *QUIET]
+    run(validate(compose([*overrides, "train.max_steps=2"])), tmp_path)
+    results = run(validate(compose([*overrides, "train.max_steps=4", "resume=true"])), tmp_path)
+    assert results["steps"] == 4 and results["resumed_from_step"] == 2
+    assert results["resume_changes"] == {"train.max_steps": [2, 4]}
+
+
+KILL_BEFORE_SAVING = """
+import os, signal, sys
+from pathlib import Path
+from convobot import rundir
+from convobot.config import compose, validate
+from convobot.train import run
+
+save_model = rundir.save_model
+def killed_before_the_weights(folder, *args, **kwargs):
+    if Path(folder).name in ("adapter", "model"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_model(folder, *args, **kwargs)
+rundir.save_model = killed_before_the_weights
+run(validate(compose(sys.argv[2:])), Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path, method):
+    """SIGKILL between the final checkpoint and the weights: resume=true saves and scores, trains no extra step."""
+    overrides = ["experiment=smoke", f"peft={method}", "train.max_steps=4", "train.save_steps=2", *QUIET]
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_SAVING, str(tmp_path), *overrides], env=ENV,
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert is_complete(tmp_path / "checkpoints" / "checkpoint-4") and not (tmp_path / "metrics.json").exists()
+    results = run(validate(compose([*overrides, "resume=true"])), tmp_path)
+    assert results["steps"] == 4 and results["resumed_from_step"] == 4 and math.isfinite(results["eval_loss"])
+    assert (tmp_path / ("adapter" if method == "lora" else "model")).is_dir()
+    assert not (tmp_path / "checkpoints" / "checkpoint-5").exists()
+    trained = load_file(tmp_path / "checkpoints" / "checkpoint-4" / ("adapter_model.safetensors" if method == "lora"
+                                                                     else "model.safetensors"))
+    saved = load_file(tmp_path / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)

@@ -108,3 +108,32 @@ def test_rows_longer_than_the_model_are_cut_at_its_context(tmp_path, caplog):
     assert OmegaConf.load(tmp_path / "config.yaml").data.max_length == 64  # what trained, recorded
     assert results["data"]["truncated_train_rows"] > 0 and results["eval_tokens"] > 0
 
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing_resume_trips_on(tmp_path):
+    """A real write failure (a file-size limit, as a full disk stops a write) while the Trainer saves a full
+    fine-tune's checkpoint: one line naming the checkpoints folder; the cut-off checkpoint is skipped by resume."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from convobot.resume import newest_checkpoint
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))  # the 2 MB model fits, 4 MB of Adam not
+
+    train = Path(sys.executable).parent / "convobot-train"
+    done = subprocess.run([str(train), "experiment=smoke", "peft=full", "optim=adamw_torch", "train.max_steps=3",
+                           "report.before=false", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit_file_size)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("convobot-train: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"convobot-train: SaveError: could not write a checkpoint in "
+                                                     f"{tmp_path / 'checkpoints'}"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert newest_checkpoint(tmp_path / "checkpoints") is None  # what was cut off is not a checkpoint to resume
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
