@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench gpu-carry clean
+.PHONY: install demo test test-fast pretrain bench gpu-carry clean
 
 # torch==2.13.0 goes in first and alone: with it installed, the pinned stack resolves without
 # pip ever reaching for a (multi-GB) CUDA build of a newer torch.
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# Rebuild the embedded default's pretrained base (convobot/assets/pretrained/, ~7 min on 2 CPU cores).
+pretrain: $(STAMP)
+	$(BIN)/python -m convobot.pretrain
 
 # Trained tokens/s of GPT-2 small: the reference setup vs convobot, side by side in one process
 # (~6.5 min on 2 CPU cores; writes benchmarks/results/train_throughput_cpu_<date>.{md,json}).

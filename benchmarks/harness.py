@@ -36,7 +36,7 @@ TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MiB = 2**20
 
-# GPT2Config() defaults, built through convobot's random-init ("tiny") model source.
+# GPT2Config() defaults, built through convobot's random-init model source (model=tiny_random).
 GPT2_SMALL = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.n_positions=1024",
               "model.initializer_range=0.02"]
 # For smoke tests of this script: same code path, a model small enough to step in milliseconds.
@@ -277,7 +277,8 @@ def compose_config(setup: Setup, settings: Settings, overrides: list[str]):
     from convobot.config import compose, validate
 
     return validate(compose([
-        "model=tiny", f"model.tokenizer={setup.workdir / 'tokenizer'}", *(SMOKE_MODEL if settings.smoke else GPT2_SMALL),
+        "model=tiny_random", f"model.tokenizer={setup.workdir / 'tokenizer'}",
+        *(SMOKE_MODEL if settings.smoke else GPT2_SMALL),
         "data=local", f"data.path={settings.rows}", f"data.max_length={settings.max_length}", "data.eval_size=8",
         f"hardware={HARDWARE[setup.device.type]}", f"hardware.batch_size={settings.batch_size}",
         f"train.max_steps={settings.total_steps}", "train.save_steps=1000000",

@@ -25,7 +25,8 @@ COMMANDS_CONF_DIR = CONF_DIR / "commands"
 
 class ModelSource(str, Enum):
     hub = "hub"  # a model id on the Hugging Face Hub, or a local save_pretrained folder
-    tiny = "tiny"  # a small GPT-2 built from a GPT2Config with random init (offline default)
+    bundled = "bundled"  # the small GPT-2 pretrained by convobot.pretrain, shipped in the package (offline default)
+    random = "random"  # a small GPT-2 built from a GPT2Config with random init (model=tiny_random)
 
 
 class DataSource(str, Enum):
@@ -64,12 +65,12 @@ class Device(str, Enum):
 @dataclass
 class ModelConfig:
     name: str = "tiny-gpt2"
-    source: ModelSource = ModelSource.tiny
+    source: ModelSource = ModelSource.bundled
     # Tokenizer: "bundled" (shipped with convobot) or a hub id / local folder.
     tokenizer: str = "bundled"
     revision: Optional[str] = None
     attn_implementation: str = "sdpa"
-    # Only read for source=tiny.
+    # Only read for source=random.
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128

@@ -52,7 +52,8 @@ class LogitProbe:
         model.eval()
         decoder, head = scoring.decoder_and_head(model)
         rows = [ids[mask.bool()].unsqueeze(0) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-        hidden = torch.cat([decoder(input_ids=ids, use_cache=False).last_hidden_state[0] for ids in rows])
+        hidden = torch.cat([decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                            .last_hidden_state[0] for ids in rows])
         model.train(was_training)
         if next(head.children(), None) is not None:  # an adapted head: merging rewrites it in place
             head = copy.deepcopy(head)

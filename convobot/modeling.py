@@ -1,4 +1,5 @@
-"""Base model and tokenizer (hub or tiny), the device and dtype they train in, and LoRA wrapping with its checks."""
+"""Base model and tokenizer (hub, bundled or random init), the device and dtype they train in, and LoRA wrapping
+with its checks."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from convobot.errors import AdapterError, ConfigError
 log = logging.getLogger(__name__)
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+# The embedded default's base: pretrained by convobot.pretrain on the bundled tasks' skills (its recipe.json).
+BUNDLED_BASE_DIR = Path(__file__).resolve().parent / "assets" / "pretrained"
 
 
 def resolve_device(requested: Device, key: str = "hardware.device", require: bool = True) -> torch.device:
@@ -71,10 +74,12 @@ GPT2_SIZES = {
 
 
 def model_config(cfg: ModelConfig):
-    """A hub or local model's config without its weights: GPT-2 sizes are built in (offline), any other model
-    reads its config.json."""
+    """A hub, local or bundled model's config without its weights: GPT-2 sizes are built in (offline), any other
+    model reads its config.json."""
     from transformers import AutoConfig
 
+    if cfg.source == ModelSource.bundled:
+        return AutoConfig.from_pretrained(BUNDLED_BASE_DIR)
     short = cfg.name.rsplit("/", 1)[-1]
     if short in GPT2_SIZES and not Path(cfg.name).is_dir():
         return GPT2Config(**GPT2_SIZES[short])
@@ -86,7 +91,7 @@ def model_config(cfg: ModelConfig):
 
 def configured_context(cfg: ModelConfig) -> int:
     """The context of the configured model (its config.json, or the tiny model's settings), without loading it."""
-    return cfg.n_positions if cfg.source == ModelSource.tiny else context_length(model_config(cfg))
+    return cfg.n_positions if cfg.source == ModelSource.random else context_length(model_config(cfg))
 
 
 def fit_context(max_length: int, context: int, key: str = "data.max_length") -> int:
@@ -103,7 +108,11 @@ def load_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype:
 
     Weights load as safetensors only (`use_safetensors=True`); remote code is never trusted.
     """
-    if cfg.source == ModelSource.tiny:
+    if cfg.source == ModelSource.bundled:
+        return AutoModelForCausalLM.from_pretrained(BUNDLED_BASE_DIR, dtype=dtype, use_safetensors=True,
+                                                    attn_implementation=cfg.attn_implementation,
+                                                    trust_remote_code=False)
+    if cfg.source == ModelSource.random:
         config = tiny_gpt2_config(cfg, tokenizer)
         config._attn_implementation = cfg.attn_implementation
         # Seeded apart from the global RNG: the same base every time, without disturbing run seeds.

@@ -5,7 +5,9 @@ Every command that reads or writes a run goes through this module, so the layout
     <run dir>/
       config.yaml         the validated training config
       heldout.jsonl       the held-out Alpaca rows (scoring, merge checks, the model card's example)
-      base_model/         the random-init base of model.source=tiny (it cannot be downloaded again)
+      base_model/         the base of model.source=bundled/random (the package may change, random init cannot
+                          be downloaded)
+      .lock               held by the run while it lasts (its PID inside)
       adapter/ | model/   the LoRA adapter, or the fully fine-tuned model, with the tokenizer
       metrics.json        the run's results; metrics.jsonl: one line per logging step
       checkpoints/        Trainer checkpoints (resume=true); samples/: per-rank sample logs (train.log_samples)
@@ -68,8 +70,10 @@ class RunDir:
     @property
     def base_description(self) -> str:
         model = self.config.model
-        if model.source == ModelSource.tiny:
+        if model.source == ModelSource.random:
             return f"{model.name} (random init, saved in {self.path / BASE_MODEL})"
+        if model.source == ModelSource.bundled:
+            return f"{model.name} (convobot's pretrained base, saved in {self.path / BASE_MODEL})"
         return model.name + (f"@{model.revision}" if model.revision else "")
 
     def metrics(self) -> dict:
@@ -281,15 +285,17 @@ def load_folder(folder: Path):
 
 
 def load_base(run: RunDir):
-    """The run's base model in fp32: the saved random-init base (tiny) or the hub model at its revision."""
+    """The run's base model in fp32: the base the run saved (bundled or random init) or the hub model at its
+    revision."""
     import torch
 
     from convobot.modeling import load_base_model, load_tokenizer
 
-    if run.config.model.source == ModelSource.tiny:
+    if run.config.model.source != ModelSource.hub:
         folder = run.path / BASE_MODEL
         if not folder.is_dir():
-            raise ModelPathError(f"{folder} is missing: a tiny model's random-init base is only kept there")
+            raise ModelPathError(f"{folder} is missing: the run's base ({run.config.model.source.value}) is kept "
+                                 "there")
         return load_folder(folder)
     tokenizer = load_tokenizer(str(run.weights_dir))
     return load_base_model(run.config.model, tokenizer, torch.float32).eval()

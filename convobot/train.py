@@ -210,8 +210,9 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     if is_main:
         rundir.write_config(run_dir, cfg)
         rundir.write_heldout(run_dir, dataset.eval_rows)
-        if cfg.model.source == ModelSource.tiny:
-            # A random-init base cannot be re-downloaded: keep it so the adapter can be merged later.
+        if cfg.model.source != ModelSource.hub:
+            # A random-init base cannot be re-downloaded, and the bundled one may change with the package: keep
+            # the base so the adapter can be merged later.
             rundir.save_model(run_dir / rundir.BASE_MODEL, modeling.load_base_model(cfg.model, tokenizer), tokenizer)
 
     before = score(trainer.model, tokenizer, dataset, cfg) if cfg.report.before and is_main else {}

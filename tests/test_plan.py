@@ -86,7 +86,7 @@ def saved_activation_bytes(cfg) -> int:
 
 
 @pytest.mark.parametrize("overrides", [
-    ["peft=lora"], ["peft=full"], ["peft=lora", "model.attn_implementation=eager", "model.n_layer=4"],
+    ["peft=lora"], ["peft=full"], ["model=tiny_random", "peft=lora", "model.attn_implementation=eager", "model.n_layer=4"],
     ["peft=lora", "model.dropout=0.1", "peft.dropout=0.05"], ["peft=full", "model.dropout=null"],
     ["peft=lora", "peft.target_modules=[c_proj,c_fc]", "peft.r=32"], ["peft=full", "data.max_length=64"],
 ])

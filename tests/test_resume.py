@@ -108,7 +108,8 @@ def test_keep_last_and_keep_best(tmp_path, one_thread):
     """keep_last=2 keeps the two newest; keep_best also keeps the lowest eval loss and saves it as the adapter.
     8-bit AdamW at lr=0.2 with GPT-2's dropout makes the tiny model's eval loss jump after step 2 (seeded), so the
     best is not the last."""
-    cfg = validate(compose(["experiment=smoke", "train.max_steps=8", "train.eval_steps=2", "train.save_steps=2",
+    cfg = validate(compose(["experiment=smoke", "model=tiny_random", "train.max_steps=8", "train.eval_steps=2",
+                            "train.save_steps=2",
                             "train.keep_last=2", "train.keep_best=true", "optim=adamw_8bit", "optim.lr=0.2",
                             "model.dropout=null", "data.eval_size=16", *QUIET]))
     results = run(cfg, tmp_path)

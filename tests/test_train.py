@@ -100,8 +100,9 @@ def test_rows_longer_than_the_model_are_cut_at_its_context(tmp_path, caplog):
 
     from convobot.config import compose, validate
 
-    cfg = validate(compose(["experiment=smoke", "model.n_positions=64", "data.max_length=512", "train.max_steps=1",
-                            "report.before=false", "report.samples=0", "report.exact_match_rows=0"]))
+    cfg = validate(compose(["experiment=smoke", "model=tiny_random", "model.n_positions=64", "data.max_length=512",
+                            "train.max_steps=1", "report.before=false", "report.samples=0",
+                            "report.exact_match_rows=0"]))
     with caplog.at_level("WARNING"):
         results = run(cfg, tmp_path)
     assert "data.max_length=512 exceeds the model's context of 64 positions" in caplog.text

@@ -70,7 +70,7 @@ def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
 
     dtype = modeling.base_dtype(precision, cfg.peft.method)
     with torch.device("meta"):
-        if cfg.model.source == ModelSource.tiny:
+        if cfg.model.source == ModelSource.random:
             tokenizer = modeling.load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
             base = modeling.load_base_model(cfg.model, tokenizer, dtype)
         else:
