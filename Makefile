@@ -12,10 +12,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[export,sweep,dev]"
+	$(BIN)/pip install --quiet -e ".[export,serve,sweep,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# llama.cpp's binding builds from source (~6 min on 2 cores, once: pip caches the wheel); the GGUF tests need it,
+# make demo does not.
+GGUF_STAMP := $(VENV)/.installed-gguf
+$(GGUF_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[gguf]"
+	touch $(GGUF_STAMP)
 
 # Train the embedded default into a fixed run dir, merge and verify it into a release bundle (prints
 # base vs merged perplexity), then stream one answer from the bundle. Offline; under a minute on 2 cores.
@@ -28,10 +35,10 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/convobot-chat model=$(DEMO_RUN)/release prompt="How many words are in the input?" \
 		input="apple bird cat" generation.temperature=0 generation.max_new_tokens=32
 
-test: $(STAMP)
+test: $(STAMP) $(GGUF_STAMP)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(GGUF_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 # Rebuild the embedded default's pretrained base (convobot/assets/pretrained/, ~7 min on 2 CPU cores).

@@ -3,6 +3,7 @@ its licence, merge_report.json, SHA256SUMS), and its upload to the Hugging Face 
 
     <bundle>/
       config.json, generation_config.json, model.safetensors, tokenizer files   (AutoModelForCausalLM loads it)
+      chat_template.jinja the chat template: the training prompt from chat messages (pipelines, servers)
       README.md           model card: what it is, how it was trained and scored, a usage snippet that runs
       merge_report.json   the merge checks, base vs merged perplexity, versions; the run it came from
       SHA256SUMS          every file's hash (`sha256sum -c SHA256SUMS` inside the bundle)
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 from convobot import atomic
 from convobot.config import DataSource, ModelSource, PeftMethod, TrainConfig
 from convobot.errors import VerificationError
-from convobot.template import format_prompt
+from convobot.template import format_prompt, user_message
 
 if TYPE_CHECKING:  # the run dir module loads bundles, so it imports this one
     from convobot.modeling import ParamCount
@@ -136,7 +137,7 @@ def model_card(run: RunDir, report: dict, params: ParamCount, licence: str, mode
     config, trained = run.config, run.metrics()
     data = config.data.path or config.data.name
     example = run.heldout_rows()[0]
-    prompt = format_prompt(example["instruction"], example.get("input", ""))
+    messages = example_messages(example)
     hyper = {
         "method": config.peft.method.value,
         **({"lora_r": config.peft.r, "lora_alpha": config.peft.alpha, "lora_dropout": config.peft.dropout,
@@ -174,7 +175,10 @@ def model_card(run: RunDir, report: dict, params: ParamCount, licence: str, mode
         "",
         "```", format_prompt("{instruction}", "{input}").rstrip("\n"), "```",
         "",
-        "Without an input, the `### Input:` block is left out.",
+        "Without an input, the `### Input:` block is left out. The tokenizer's chat template (`chat_template.jinja`) "
+        "builds exactly this prompt from chat messages: a user turn's `input` key (or, from clients that send only "
+        "role and content, `instruction\\n\\n### Input:\\ninput` as its content) is the input, a system message "
+        "replaces the first line, and further turns follow as `### Instruction:` / `### Response:` blocks.",
         "",
         "## Hyperparameters",
         "",
@@ -200,21 +204,27 @@ def model_card(run: RunDir, report: dict, params: ParamCount, licence: str, mode
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import pipeline",
         "",
-        f"model_id = {model_id!r}",
-        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-        "model = AutoModelForCausalLM.from_pretrained(model_id, use_safetensors=True)",
-        f"prompt = {prompt!r}",
-        'inputs = tokenizer(prompt, return_tensors="pt")',
-        "output = model.generate(**inputs)  # sampling settings and pad = eos come from generation_config.json",
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        f"chat = pipeline('text-generation', model={model_id!r})",
+        f"messages = {messages!r}",
+        "reply = chat(messages, max_new_tokens=64)[0]['generated_text'][-1]  # settings from generation_config.json",
+        "print(reply['content'])",
         "```",
         "",
-        f"Or: `convobot-chat model={model_id}`.",
+        f"Or: `convobot-chat model={model_id}` (a multi-turn REPL), `convobot-serve model={model_id}` (an "
+        "OpenAI-compatible server).",
         "",
     ]
     return "\n".join(lines)
+
+
+def example_messages(row: dict) -> list[dict]:
+    """A held-out row as the chat messages a client would send: the Alpaca row's one user turn, or a
+    conversation up to its last answer."""
+    if "messages" in row:
+        return [{key: value for key, value in message.items() if value is not None} for message in row["messages"][:-1]]
+    return [user_message(row["instruction"], row.get("input", ""))]
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> None:

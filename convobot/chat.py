@@ -1,15 +1,16 @@
-"""Chat with a merged bundle or a run's adapter: the training template, streamed, stopping at EOS.
+"""Chat with a merged bundle or a run's adapter: the chat template of training, streamed, stopping at EOS.
 
 Examples:
-    convobot-chat model=release/convobot-gpt2-alpaca                                 # REPL
+    convobot-chat model=release/convobot-gpt2-alpaca                                 # multi-turn REPL
     convobot-chat model=release/convobot-gpt2-alpaca prompt="Give three tips for staying healthy."
     convobot-chat model=outputs/demo prompt="Reverse the order of the words." input="apple bird cat"
     convobot-chat model=outputs/demo/release generation.temperature=0 generation.max_new_tokens=32
     convobot-chat model=outputs/demo/release prompt="'Name a fruit, then a colour.'"   # commas: quote twice
 
 `model` is a bundle from convobot-merge, a run dir (its adapter runs unmerged on the base), or a
-run's adapter/ folder. In the REPL each line is an instruction; `instruction || input` adds an input;
-an empty line, `exit` or Ctrl-D ends it.
+run's adapter/ folder. The REPL keeps the conversation: each line is a user turn (`instruction || input`
+adds an Alpaca input), answered with everything said so far; when the context fills, the oldest turns are
+dropped, with a notice. `/reset` starts over; an empty line, `/exit` or Ctrl-D ends it.
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ from transformers import set_seed
 from convobot.cli import run_command
 from convobot.config import COMMANDS_CONF_DIR, ChatConfig, GenerationOptions
 from convobot.errors import PromptTooLongError
-from convobot.generate import stream_answer
-from convobot.modeling import resolve_device
+from convobot.generate import fit_conversation, stream_answer
+from convobot.modeling import context_length, resolve_device
 from convobot.rundir import load_model
+from convobot.template import user_message
 
 INPUT_SEPARATOR = "||"
+RESET, EXIT = "/reset", {"/exit", "exit", "quit"}
 
 
-def respond(model, tokenizer, instruction: str, input: str, options: GenerationOptions, out: TextIO) -> str:
-    """Stream the answer to `out` as it is generated; return it whole."""
+def respond(model, tokenizer, messages: list[dict], options: GenerationOptions, out: TextIO) -> str:
+    """Stream the assistant's next turn to `out` as it is generated; return it whole."""
     pieces = []
-    for piece in stream_answer(model, tokenizer, instruction, input, options):
+    for piece in stream_answer(model, tokenizer, messages, options):
         out.write(piece)
         out.flush()
         pieces.append(piece)
@@ -42,27 +45,37 @@ def respond(model, tokenizer, instruction: str, input: str, options: GenerationO
 
 
 def repl(model, tokenizer, options: GenerationOptions, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout) -> int:
-    """Answer instructions until an empty line, `exit` or end of input; returns how many were answered."""
-    out.write(f"Alpaca-template chat. 'instruction {INPUT_SEPARATOR} input' adds an input; "
-              "empty line or 'exit' quits.\n")
-    answered = 0
+         out: TextIO = sys.stdout, system: str | None = None) -> list[dict]:
+    """A conversation until an empty line, `/exit` or end of input; returns it (as messages)."""
+    out.write(f"convobot chat. 'instruction {INPUT_SEPARATOR} input' adds an input; {RESET} starts over; "
+              "an empty line or /exit quits.\n")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    context = context_length(model.config)
     while True:
         try:
             line = read("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
-            return answered
-        if not line or line.lower() in {"exit", "quit"}:
-            return answered
+            return messages
+        if not line or line.lower() in EXIT:
+            return messages
+        if line.lower() == RESET:
+            messages = list(start)
+            out.write("[conversation reset]\n")
+            continue
         instruction, _, extra = line.partition(INPUT_SEPARATOR)
+        asked, dropped = fit_conversation(tokenizer, messages + [user_message(instruction.strip(), extra.strip())],
+                                          context, options.max_new_tokens)
+        if dropped:
+            out.write(f"[context full: dropped the oldest {dropped} turns]\n")
         out.write("bot> ")
         try:
-            respond(model, tokenizer, instruction.strip(), extra.strip(), options, out)
-        except PromptTooLongError as err:  # the session goes on: the next prompt may fit
+            reply = respond(model, tokenizer, asked, options, out)
+        except PromptTooLongError as err:  # the session goes on: the next turn may fit
             out.write(f"[{err}]\n")
             continue
-        answered += 1
+        messages = asked + [{"role": "assistant", "content": reply}]
 
 
 def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
@@ -72,8 +85,9 @@ def chat(cfg: ChatConfig, out: TextIO = sys.stdout) -> str | None:
     model.to(device)
     set_seed(cfg.seed)
     if cfg.prompt is not None:
-        return respond(model, tokenizer, cfg.prompt, cfg.input, cfg.generation, out)
-    repl(model, tokenizer, cfg.generation, out=out)
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        return respond(model, tokenizer, system + [user_message(cfg.prompt, cfg.input)], cfg.generation, out)
+    repl(model, tokenizer, cfg.generation, out=out, system=cfg.system)
     return None
 
 

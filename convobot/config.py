@@ -35,6 +35,12 @@ class DataSource(str, Enum):
     bundled = "bundled"
 
 
+class DataFormat(str, Enum):
+    alpaca = "alpaca"  # instruction / input / output columns, the Alpaca prompt
+    messages = "messages"  # OpenAI-style {"messages": [{"role", "content"}, ...]}, the chat template
+    sharegpt = "sharegpt"  # {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}
+
+
 class PeftMethod(str, Enum):
     lora = "lora"
     full = "full"
@@ -89,6 +95,8 @@ class DataConfig:
     source: DataSource = DataSource.bundled
     # hub dataset id (source=hub) or a json/jsonl/csv/parquet file (source=local).
     path: Optional[str] = None
+    # alpaca rows, or conversations (messages / sharegpt) trained through the chat template on the assistant turns.
+    format: DataFormat = DataFormat.alpaca
     split: str = "train"
     max_rows: Optional[int] = None
     # Size of the held-out split: a fraction of the rows (< 1) or a row count (>= 1).
@@ -297,11 +305,48 @@ class ChatConfig:
     prompt: Optional[str] = None
     # The Alpaca input that goes with `prompt` (optional).
     input: str = ""
+    # A system message: replaces the Alpaca preamble at the top of the prompt (null: the preamble).
+    system: Optional[str] = None
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     seed: int = 0
     # auto: cuda if available, else cpu.
     device: Device = Device.auto
     # Check a bundle against its SHA256SUMS before loading it.
+    verify_checksums: bool = True
+
+
+@dataclass
+class ServeConfig:
+    """convobot-serve (conf/commands/serve.yaml)."""
+    # A merged bundle (or a run dir / adapter, served unmerged).
+    model: str = MISSING
+    # Loopback only by default: 0.0.0.0 exposes the model to the network.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The id clients ask for and /v1/models lists (null: the bundle folder's name); other ids get 404.
+    model_id: Optional[str] = None
+    device: Device = Device.auto
+    verify_checksums: bool = True
+    log_level: str = "info"
+
+
+@dataclass
+class GGUFConfig:
+    """convobot-export-gguf (conf/commands/gguf.yaml)."""
+    model: str = MISSING
+    # Any of f32, f16, q8_0; each is written, loaded back with llama.cpp and checked before it is kept.
+    types: list[str] = field(default_factory=lambda: ["f32", "f16"])
+    # null: <model>/gguf (the bundle's SHA256SUMS and merge_report.json are refreshed).
+    output_dir: Optional[str] = None
+    overwrite: bool = False
+    # llama.cpp's convert_hf_to_gguf.py (with its conversion/ package and gguf-py/ beside it): null takes the copy
+    # vendored in the llama-cpp-python sdist of the installed version (fetched by pip once, then cached).
+    converter: Optional[str] = None
+    # Held-out rows whose logits and greedy answers must match PyTorch's.
+    check_rows: int = 4
+    greedy_tokens: int = 16
+    # Max |logit difference| against PyTorch, per type (weights in f16 or 8 bits change logits by design).
+    tolerance: dict[str, float] = field(default_factory=lambda: {"f32": 1e-3, "f16": 5e-2, "q8_0": 0.5})
     verify_checksums: bool = True
 
 

@@ -32,7 +32,6 @@ from convobot.config import COMMANDS_CONF_DIR, EvalConfig, EvalRows, PeftMethod
 from convobot.errors import ConfigError, ModelPathError, VerificationError
 from convobot.modeling import context_length, fit_context, load_tokenizer
 from convobot.rundir import HELDOUT, RunDir, load_base, load_model, load_trained, open_run, run_behind
-from convobot.template import format_example
 
 MODELS = ("base", "adapter", "merged")
 
@@ -54,7 +53,8 @@ def find_run(cfg: EvalConfig) -> RunDir | None:
 
 
 def held_out(cfg: EvalConfig, run: RunDir | None) -> HeldOut:
-    """The prompt/completion pairs to score, the row length to score them at, and their origin."""
+    """The examples to score (prompt/completion pairs or conversations), the row length to score them at, and
+    their origin."""
     if cfg.data is not None:
         rows, _ = data.load_rows(cfg.data)
         origin = cfg.data.path or cfg.data.name
@@ -63,7 +63,7 @@ def held_out(cfg: EvalConfig, run: RunDir | None) -> HeldOut:
             origin += f" (held-out split, seed {cfg.data.split_seed})"
         else:
             origin += " (all rows)"
-        found = HeldOut(rows.map(format_example, remove_columns=list(data.FIELDS)), cfg.data.max_length, origin)
+        found = HeldOut(data.to_examples(rows), cfg.data.max_length, origin)
     elif run is not None:
         found = HeldOut(run.heldout_pairs(), run.config.data.max_length, str(run.path / HELDOUT))
     else:

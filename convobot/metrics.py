@@ -25,7 +25,7 @@ IGNORE_INDEX = -100
 
 def probe_batch(pairs, tokenizer, rows: int, max_length: int) -> dict[str, torch.Tensor]:
     """A padded batch of whole held-out rows (prompt + response + EOS) for the logit comparisons."""
-    encoded = scoring.encode_pairs(pairs.select(range(min(rows, len(pairs)))), tokenizer, max_length)
+    encoded = scoring.encode_examples(pairs.select(range(min(rows, len(pairs)))), tokenizer, max_length)
     return scoring.pad([row["input_ids"] for row in encoded], tokenizer.pad_token_id)
 
 

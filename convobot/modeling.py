@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from convobot.config import Device, ModelConfig, ModelSource, PeftConfig, PeftMethod, Precision
 from convobot.errors import AdapterError, ConfigError
+from convobot.template import with_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,13 @@ def base_dtype(precision: Precision, method: PeftMethod) -> torch.dtype:
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """The bundled task tokenizer, or a hub id / local folder. GPT-2 has no pad token: pad = eos."""
+    """The bundled task tokenizer, or a hub id / local folder, with convobot's chat template (the format every
+    convobot model is trained on and prompted with). GPT-2 has no pad token: pad = eos."""
     source = BUNDLED_TOKENIZER_DIR if name == "bundled" else name
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_chat_template(tokenizer)
 
 
 def tiny_gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:

@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from convobot.template import answer_of
+
 
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
@@ -40,5 +42,13 @@ def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]],
     console.print(facts)
 
     for row, generated in samples:
-        prompt = row["instruction"] + (f" | {row['input']}" if row.get("input") else "")
-        console.print(f"[bold]>[/] {prompt}\n  [green]model:[/] {generated.strip()!r}   [dim]expected: {row['output']!r}[/]")
+        console.print(f"[bold]>[/] {_asked(row)}\n  [green]model:[/] {generated.strip()!r}   "
+                      f"[dim]expected: {answer_of(row)!r}[/]")
+
+
+def _asked(row: dict) -> str:
+    """A sample's question in one line: instruction | input, or a conversation's user turns joined by " / "."""
+    if "messages" in row:
+        return " / ".join(m["content"] + (f" | {m['input']}" if m.get("input") else "")
+                          for m in row["messages"] if m["role"] == "user")
+    return row["instruction"] + (f" | {row['input']}" if row.get("input") else "")

@@ -1,12 +1,14 @@
 """Perplexity of held-out rows and of token streams, streamed so that GPT-2's 50,257-column logits never exist for
 a whole batch.
 
-A scored row is its token ids and, per kind of score, the first position whose token is a target:
+A scored row is its token ids and, per kind of score, the first position whose token is a target, or the
+[start, end) spans of target positions:
 
-    {"input_ids": [...], "scored_from": {"full": 1, "response": 23}}
+    {"input_ids": [...], "scored_from": {"full": 1, "response": 23}}                  an Alpaca pair
+    {"input_ids": [...], "scored_from": {"full": 1, "response": [[23, 31], [52, 60]]}}   a conversation
 
-"full" scores every token after the first (the whole text), "response" the answer and its EOS (what SFT trains
-with completion-only loss), "sliding" the tokens a window adds to a stream. One forward pass per batch serves every
+"full" scores every token after the first (the whole text), "response" the answers and their EOS (what SFT trains
+with completion-only / assistant-only loss), "sliding" the tokens a window adds to a stream. One forward pass per batch serves every
 kind: the transformer runs once, then the LM head runs only on the positions some kind scores, HEAD_CHUNK at a
 time. Batches are sized by padded tokens, not rows, so long rows do not multiply memory. Perplexity is
 exp(sum of token NLL / number of scored tokens): independent of batching and padding.
@@ -20,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from convobot.data import char_budget, cut_pair
+from convobot.data import char_budget, cut_example, cut_pair, encode_conversation
 
 # Positions the LM head scores at once: their fp32 logits and cross-entropy's log-softmax of them are
 # 2 x 512 x 50,257 x 4 bytes = 206 MB for GPT-2, whatever the batch.
@@ -44,9 +46,36 @@ def encode_pairs(pairs, tokenizer, max_length: int) -> list[dict]:
     return rows
 
 
-def token_stream(pairs, tokenizer) -> list[int]:
-    """All pairs as one token stream (prompt + completion + EOS, back to back), untruncated."""
-    return [token for row in encode_pairs(pairs, tokenizer, max_length=sys.maxsize) for token in row["input_ids"]]
+def encode_conversations(conversations, tokenizer, max_length: int) -> list[dict]:
+    """Conversations -> scored rows as TRL tokenizes them (the chat template, first `max_length` tokens): "response"
+    is every assistant turn with its EOS."""
+    budget = char_budget(tokenizer, max_length)
+    rows = []
+    for messages in conversations:
+        ids, mask = encode_conversation(cut_example({"messages": messages}, budget)["messages"], tokenizer)
+        ids, mask = ids[:max_length], mask[:max_length]
+        starts = [t for t in range(len(mask)) if mask[t] and (t == 0 or not mask[t - 1])]
+        ends = [t + 1 for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]
+        rows.append({"input_ids": ids, "scored_from": {"full": 1, "response": [[max(1, a), b] for a, b in
+                                                                              zip(starts, ends)]}})
+    return rows
+
+
+def encode_examples(examples, tokenizer, max_length: int) -> list[dict]:
+    """Examples (a Dataset of prompt/completion pairs or of conversations) -> scored rows."""
+    if "messages" in examples.column_names:
+        return encode_conversations(examples["messages"], tokenizer, max_length)
+    return encode_pairs(examples, tokenizer, max_length)
+
+
+def token_stream(examples, tokenizer) -> list[int]:
+    """All examples as one token stream (prompt + completion + EOS, back to back), untruncated."""
+    return [token for row in encode_examples(examples, tokenizer, max_length=sys.maxsize) for token in row["input_ids"]]
+
+
+def _scored(where, length: int) -> list[tuple[int, int]]:
+    """A kind's target positions as [start, end) spans: from a first position to the end, or spans."""
+    return [(where, length)] if isinstance(where, int) else [(start, min(end, length)) for start, end in where]
 
 
 def sliding_windows(input_ids: list[int], window: int, stride: int) -> list[dict]:
@@ -116,13 +145,17 @@ def nll_sums(model, rows: list[dict], pad_token_id: int, batch_tokens: int = BAT
             # Target position t is predicted by the hidden state at t - 1.
             rows_at, targets_at, scored = [], [], {kind: [] for kind in kinds}
             for i, row in enumerate(batch):
-                first = min(row["scored_from"].values())
-                positions = range(first, len(row["input_ids"]))
+                length = len(row["input_ids"])
+                spans = {kind: _scored(where, length) for kind, where in row["scored_from"].items()}
+                first = min((start for kind_spans in spans.values() for start, _ in kind_spans), default=length)
+                positions = range(first, length)
                 rows_at += [i] * len(positions)
                 targets_at += positions
                 for kind in kinds:
-                    start = row["scored_from"].get(kind, len(row["input_ids"]))
-                    scored[kind] += [t >= start for t in positions]
+                    flags = [False] * len(positions)
+                    for start, end in spans.get(kind, []):
+                        flags[start - first:end - first] = [True] * max(0, end - start)
+                    scored[kind] += flags
             if not targets_at:
                 continue
             rows_at, targets_at = torch.tensor(rows_at, device=device), torch.tensor(targets_at, device=device)
@@ -152,10 +185,9 @@ def score_rows(model, rows: list[dict], pad_token_id: int, batch_tokens: int = B
     return {kind: perplexity(*sums) for kind, sums in nll_sums(model, rows, pad_token_id, batch_tokens).items()}
 
 
-def perplexities(model, pairs, tokenizer, max_length: int, batch_tokens: int = BATCH_TOKENS) -> dict[str, dict]:
-    """Full-sequence and response-only perplexity of prompt/completion pairs (the two ways to score SFT), from
-    one pass."""
-    return score_rows(model, encode_pairs(pairs, tokenizer, max_length), tokenizer.pad_token_id, batch_tokens)
+def perplexities(model, examples, tokenizer, max_length: int, batch_tokens: int = BATCH_TOKENS) -> dict[str, dict]:
+    """Full-sequence and response-only perplexity of examples (the two ways to score SFT), from one pass."""
+    return score_rows(model, encode_examples(examples, tokenizer, max_length), tokenizer.pad_token_id, batch_tokens)
 
 
 def sliding_window_perplexity(model, input_ids: list[int], window: int, stride: int, pad_token_id: int,

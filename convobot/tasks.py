@@ -77,6 +77,37 @@ def generate_rows(num_rows: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# Follow-up turns of the bundled conversations: a task on the assistant's previous answer, so the answer depends
+# on the conversation so far, not only on the last turn.
+FOLLOW_UPS: dict[str, Callable[[str], str]] = {
+    "Now reverse the order of the words of your answer.": lambda text: " ".join(reversed(text.split())),
+    "Now convert your answer to upper case.": str.upper,
+    "Now repeat the last word of your answer.": lambda text: text.split()[-1],
+    "How many words are in your answer?": lambda text: str(len(text.split())),
+}
+
+
+def generate_conversations(num_rows: int, seed: int = 0) -> list[dict]:
+    """`num_rows` unique conversations (`messages` rows): a bundled task with its input, then one or two follow-ups
+    on the previous answer. Sums are left out: their answers have no words to follow up on."""
+    rng = random.Random(seed)
+    rows = [row for row in generate_rows(num_rows * 2, seed) if row["input"]][:num_rows]
+    if len(rows) < num_rows:
+        raise ValueError(f"cannot generate {num_rows} unique conversations; the task space is smaller")
+    conversations = []
+    for row in rows:
+        messages = [{"role": "user", "content": row["instruction"], "input": row["input"]},
+                    {"role": "assistant", "content": row["output"]}]
+        for _ in range(rng.randint(1, 2)):
+            if messages[-1]["content"].isdigit():  # a count: nothing left to follow up on
+                break
+            follow_up = rng.choice(list(FOLLOW_UPS))
+            messages += [{"role": "user", "content": follow_up},
+                         {"role": "assistant", "content": FOLLOW_UPS[follow_up](messages[-1]["content"])}]
+        conversations.append({"messages": messages})
+    return conversations
+
+
 def normalize_answer(text: str) -> str:
     return " ".join(text.strip().split())
 

@@ -36,13 +36,14 @@ from convobot import (atomic, attention, cpu_memory, data, distributed, loss_hea
                       scoring)
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
 from convobot.cli import one_line_errors
-from convobot.config import CONF_DIR, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
+from convobot.config import CONF_DIR, DataFormat, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
 from convobot.errors import ConfigError, SaveError
 from convobot.generate import answer
 from convobot.optim import OptimizerChoice, describe_optimizer, resolve_optimizer
 from convobot.plan import check_fits
 from convobot.results import print_results
 from convobot.tasks import exact_match
+from convobot.template import answer_of
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
         activation_checkpointing=hw.gradient_checkpointing,
         torch_compile=hw.torch_compile,
         max_length=cfg.data.max_length,
-        completion_only_loss=cfg.data.completion_only,
+        # Alpaca pairs: the loss on the completion; conversations: on the assistant turns, which the chat template
+        # marks with {% generation %} (EOS included, so the model learns to end its turn).
+        completion_only_loss=cfg.data.completion_only and cfg.data.format == DataFormat.alpaca,
+        assistant_only_loss=cfg.data.completion_only and cfg.data.format != DataFormat.alpaca,
         # Packing fills each sequence with whole rows (best-fit decreasing) and no padding; position_ids restart at
         # 0 per row and no attention_mask is sent, so transformers' SDPA/eager masks become block-diagonal and rows
         # never attend to each other (tests/test_packing.py checks both this and the loss).
@@ -155,7 +159,7 @@ def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> 
     if cfg.data.source == DataSource.bundled and cfg.report.exact_match_rows > 0:
         checked = dataset.eval_rows[:cfg.report.exact_match_rows]
         predictions = answer(model, tokenizer, checked, cfg.report.max_new_tokens, cfg.hardware.eval_batch_size)
-        scores["exact_match"] = exact_match(predictions, [r["output"] for r in checked])
+        scores["exact_match"] = exact_match(predictions, [answer_of(row) for row in checked])
     return scores
 
 

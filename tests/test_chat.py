@@ -13,10 +13,11 @@ from convobot.config import ChatConfig, GenerationOptions
 from convobot.errors import ModelPathError, PromptTooLongError, VerificationError
 from convobot.generate import answer, stream_answer
 from convobot.rundir import load_model
-from convobot.template import format_prompt
+from convobot.template import format_prompt, render_prompt, user_message
 
 GREEDY = GenerationOptions(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0)
 ROW = {"instruction": "Reverse the order of the words.", "input": "apple bird cat"}
+TURN = [user_message(ROW["instruction"], ROW["input"])]
 
 
 def one_shot(model_path, options=GREEDY) -> tuple[str, str]:
@@ -63,26 +64,54 @@ def test_generation_stops_at_eos(smoke_release):
     outputs = []
     generate = eager.generate
     eager.generate = lambda **kwargs: outputs.append(generate(**kwargs))
-    text = "".join(stream_answer(eager, tokenizer, ROW["instruction"], ROW["input"],
-                                 GenerationOptions(max_new_tokens=50, temperature=0.0)))
+    generated = []
+    text = "".join(stream_answer(eager, tokenizer, TURN, GenerationOptions(max_new_tokens=50, temperature=0.0),
+                                 generated))
     prompt = tokenizer(format_prompt(ROW["instruction"], ROW["input"]), add_special_tokens=False)["input_ids"]
     (output,) = outputs
-    assert text == "" and output[0].tolist() == prompt + [eos]
+    assert text == "" and output[0].tolist() == prompt + [eos] and generated == [eos]
 
 
-def test_repl_answers_until_exit(smoke_release):
+def test_repl_keeps_the_conversation_until_exit(smoke_release):
     model, tokenizer = load_model(smoke_release.release)
-    lines = iter([f"{ROW['instruction']} || {ROW['input']}", "What is 2 plus 3?", "exit", "never read"])
+    lines = iter([f"{ROW['instruction']} || {ROW['input']}", "What is 2 plus 3?", "/exit", "never read"])
     out = io.StringIO()
-    assert repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out) == 2
-    assert out.getvalue().count("bot> ") == 2
+    conversation = repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out)
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    assert conversation[0] == TURN[0] and out.getvalue().count("bot> ") == 2
     assert next(lines) == "never read"
+    # The second answer is the model's continuation of the whole conversation, not of the last turn alone.
+    second = "".join(stream_answer(model, tokenizer, conversation[:3], GREEDY))
+    assert conversation[3]["content"] == second
+
+
+def test_reset_starts_a_new_conversation(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    lines = iter(["What is 2 plus 3?", "/reset", f"{ROW['instruction']} || {ROW['input']}", ""])
+    out = io.StringIO()
+    conversation = repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out)
+    assert "[conversation reset]" in out.getvalue()
+    assert conversation[0] == TURN[0] and len(conversation) == 2
+    assert conversation[1]["content"] == one_shot(smoke_release.release)[0]
+
+
+def test_the_oldest_turns_are_dropped_when_the_context_fills(smoke_release):
+    model, tokenizer = load_model(smoke_release.release)
+    long_input = " ".join(["apple bird cat dog"] * 12)  # each exchange ~90 of the 256 positions
+    lines = iter([f"{ROW['instruction']} || {long_input}"] * 4 + [""])
+    out = io.StringIO()
+    options = GenerationOptions(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+    conversation = repl(model, tokenizer, options, read=lambda _: next(lines), out=out)
+    assert "[context full: dropped the oldest 2 turns]" in out.getvalue()
+    assert out.getvalue().count("bot> ") == 4 and len(conversation) < 8
+    prompt = tokenizer(render_prompt(tokenizer, conversation[:-1]), add_special_tokens=False)["input_ids"]
+    assert len(prompt) + options.max_new_tokens <= 256
 
 
 def test_a_prompt_longer_than_the_context_is_refused_in_one_line(smoke_release):
     model, tokenizer = load_model(smoke_release.release)
     with pytest.raises(PromptTooLongError, match="the model's context is 256"):
-        list(stream_answer(model, tokenizer, "word " * 300))
+        list(stream_answer(model, tokenizer, [user_message("word " * 300)]))
     raw = OmegaConf.structured(ChatConfig(model=str(smoke_release.release), prompt="word " * 300))
     with pytest.raises(SystemExit, match="convobot-chat: PromptTooLongError: the prompt is .* context is 256"):
         run_command("convobot-chat", ChatConfig, chat, raw)
@@ -92,7 +121,7 @@ def test_the_repl_goes_on_after_a_prompt_that_does_not_fit(smoke_release):
     model, tokenizer = load_model(smoke_release.release)
     lines = iter(["word " * 300, ROW["instruction"], ""])
     out = io.StringIO()
-    assert repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out) == 1
+    assert len(repl(model, tokenizer, GREEDY, read=lambda _: next(lines), out=out)) == 2
     assert "[the prompt is" in out.getvalue() and out.getvalue().count("bot> ") == 2
 
 

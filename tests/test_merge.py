@@ -25,7 +25,7 @@ from convobot.merge import check_fp32, merge
 from convobot.rundir import load_model, open_run
 
 BUNDLE_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "README.md", REPORT, CHECKSUMS}
+                "tokenizer_config.json", "chat_template.jinja", "README.md", REPORT, CHECKSUMS}
 
 
 def test_merge_config_composes_with_the_cli_defaults(compose_command):
@@ -82,7 +82,7 @@ def test_model_card_describes_the_release_and_its_snippet_runs(smoke_release):
                  "32,768", "| merged |", "convobot-chat model="):
         assert fact in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    assert f"model_id = {str(smoke_release.release)!r}" in snippet
+    assert f"model={str(smoke_release.release)!r}" in snippet and "messages = [{'role': 'user'" in snippet
     with redirect_stdout(io.StringIO()):
         exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - runs the card's own usage example
 
