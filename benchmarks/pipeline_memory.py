@@ -1,6 +1,6 @@
 """Wall time and peak memory of each stage of the pipeline at GPT-2 small shape, optionally side by side with a
 git revision: train (4 packed LoRA steps and the held-out scoring), merge, eval (the run's 50 held-out rows, all
-three perplexities), ONNX export, one chat answer.
+three perplexities), ONNX export, one chat answer, GGUF export (f32, f16 and q8_0, each checked with llama.cpp).
 
 Examples:
     python benchmarks/pipeline_memory.py                        # this checkout (~2.5 min on 2 CPU cores)
@@ -32,9 +32,10 @@ from pathlib import Path
 from harness import REPO, RESULTS_DIR, ROWS_FILE, TOKENIZER_DIR, machine, save_report
 
 MiB = 2**20
-STAGES = ("train", "merge", "eval", "export", "chat")
+STAGES = ("train", "merge", "eval", "export", "chat", "gguf")
 # Targets on 2 CPU cores: (wall seconds, peak GiB); None: no target.
-TARGETS = {"train": (None, 4.0), "merge": (40, 2.5), "eval": (30, 2.0), "export": (None, None), "chat": (None, None)}
+TARGETS = {"train": (None, 4.0), "merge": (40, 2.5), "eval": (30, 2.0), "export": (None, None), "chat": (None, None),
+           "gguf": (None, None)}
 HELD_OUT = 50
 
 
@@ -49,6 +50,7 @@ def commands(work: Path, model: Path, rows: Path, tag: str) -> dict[str, list[st
         "export": ["convobot.export", f"model={release}"],
         "chat": ["convobot.chat", f"model={release}", "prompt=Give three tips for staying healthy.",
                  "generation.temperature=0", "generation.max_new_tokens=32"],
+        "gguf": ["convobot.gguf", f"model={release}", "types=[f32,f16,q8_0]"],
     }
 
 
@@ -103,7 +105,9 @@ def render(summary: dict) -> str:
         seconds, peak = TARGETS[stage]
         target = " / ".join(t for t in (f"<= {seconds} s" if seconds else "", f"<= {peak} GiB" if peak else "") if t)
         cells = [stage, f"{row['seconds']:.1f}", f"{row['peak_mib']:,.0f}"]
-        if baseline:
+        if baseline and "baseline" not in row:
+            cells += ["-"] * 4
+        elif baseline:
             old = row["baseline"]
             cells += [f"{old['seconds']:.1f}", f"{old['peak_mib']:,.0f}", f"**{old['seconds'] / row['seconds']:.2f}x**",
                       f"**{old['peak_mib'] / row['peak_mib']:.2f}x**"]
@@ -157,6 +161,10 @@ def main(argv=None) -> dict | None:
             stages = {}
             for stage in args.stages:
                 for tag, (source, stage_commands) in versions.items():
+                    if source is not None and not (source / stage_commands[stage][0].replace(".", "/")).with_suffix(
+                            ".py").is_file():
+                        print(f"{stage} ({tag}): not in {args.baseline}", flush=True)
+                        continue
                     result = measure(stage_commands[stage], source, work)
                     print(f"{stage} ({tag}): {result['seconds']:.1f} s, {result['peak_mib']:,.0f} MiB", flush=True)
                     if tag == "current":

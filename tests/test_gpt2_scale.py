@@ -1,7 +1,9 @@
 """The pipeline at the shape users run: GPT-2 small's architecture (GPT2Config(), random init) with the real GPT-2
 tokenizer and real alpaca-gpt4 rows from ../shared, loaded through the hub code path (model.name=DIR), as the Hub
-model would be: 2 packed LoRA steps -> merge -> eval -> ONNX export -> one chat answer (~1.5 min on 2 cores)."""
+model would be: 2 packed LoRA steps -> merge -> eval -> ONNX export -> one chat answer -> GGUF export checked by
+llama.cpp, when llama-cpp-python is installed (~3 min on 2 cores)."""
 
+import importlib.util
 import io
 import math
 
@@ -12,7 +14,9 @@ from rich.console import Console
 from convobot.chat import chat
 from convobot.config import ChatConfig, EvalConfig, ExportConfig, GenerationOptions, SlidingConfig, compose, validate
 from convobot.evaluate import evaluate
+from convobot.config import GGUFConfig
 from convobot.export import export
+from convobot.gguf import export_gguf
 from convobot.train import run
 
 QUIET = {"console": Console(file=io.StringIO())}
@@ -63,3 +67,9 @@ def test_train_merge_eval_export_chat_at_gpt2_small_shape(gpt2_small, shared_dat
     answer = chat(ChatConfig(model=str(release), prompt="Give three tips for staying healthy.",
                              generation=GenerationOptions(max_new_tokens=8, temperature=0.0)), out=out)
     assert isinstance(answer, str) and out.getvalue() == answer + "\n"
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python (the 'gguf' extra) is not installed: GGUF export not checked")
+    gguf = export_gguf(GGUFConfig(model=str(release), types=["f32", "q8_0"], check_rows=2, greedy_tokens=8), **QUIET)
+    for kind, check in gguf["types"].items():  # the real GPT-2 tokenizer, its full vocabulary and context
+        assert check["max_abs_logit_diff"] <= check["tolerance"] and check["texts_tokenized_equal"] == 7, kind

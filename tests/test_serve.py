@@ -160,3 +160,8 @@ def test_a_tampered_bundle_is_refused_before_serving(tampered_bundle):
                              f"port={free_port()}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "VerificationError" in result.stderr and "model.safetensors: checksum differs" in result.stderr
+
+
+def test_the_config_composes_with_the_cli_defaults(compose_command):
+    cfg = compose_command("serve", "model=m", "port=8123")
+    assert cfg.host == "127.0.0.1" and cfg.port == 8123 and cfg.verify_checksums
