@@ -20,6 +20,7 @@ Writes benchmarks/results/pipeline_memory_<date>.{md,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -112,6 +113,12 @@ def render(summary: dict) -> str:
             cells += [f"{old['seconds']:.1f}", f"{old['peak_mib']:,.0f}", f"**{old['seconds'] / row['seconds']:.2f}x**",
                       f"**{old['peak_mib'] / row['peak_mib']:.2f}x**"]
         lines.append("| " + " | ".join(cells + [target or "-"]) + " |")
+    checks = summary["stages"].get("gguf", {}).get("checks")
+    if checks:
+        lines += ["", "| GGUF | MiB | max abs logit diff vs PyTorch | tolerance | greedy rows (near-ties) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {kind} | {c['bytes'] / MiB:,.0f} | {c['max_abs_logit_diff']:.2e} | {c['tolerance']:g} | "
+                  f"{c['greedy_rows']} ({c['greedy_near_ties']}) |" for kind, c in checks.items()]
     if summary["note"]:
         lines += ["", f"Note: {summary['note']}"]
     return "\n".join(lines) + "\n"
@@ -167,6 +174,9 @@ def main(argv=None) -> dict | None:
                         continue
                     result = measure(stage_commands[stage], source, work)
                     print(f"{stage} ({tag}): {result['seconds']:.1f} s, {result['peak_mib']:,.0f} MiB", flush=True)
+                    if stage == "gguf":  # what llama.cpp's check measured, per file, from the bundle's report
+                        report = json.loads((work / f"release_{tag}" / "merge_report.json").read_text())
+                        result["checks"] = report["gguf"]["types"]
                     if tag == "current":
                         stages[stage] = result
                     else:

@@ -140,19 +140,27 @@ def _validate(dataset: Dataset, origin: str, policy: BadRowPolicy,
     if "input" not in dataset.column_names:
         dataset = dataset.add_column("input", [""] * len(dataset))
     row_numbers = dataset["_row"] if "_row" in dataset.column_names else range(1, len(dataset) + 1)
+    rows = dataset.select_columns(list(FIELDS))
+    checked = ((number, index, _row_problem(row)) for index, (number, row) in enumerate(zip(row_numbers, rows)))
+    good, bad = _kept(checked, origin, policy)
+    dataset = dataset.select(good) if bad else dataset
+    return dataset.select_columns(list(FIELDS)), bad
+
+
+def _kept(checked, origin: str, policy: BadRowPolicy) -> tuple[list, list[int]]:
+    """(row number, what to keep, problem or None) per row -> what is kept, and the bad row numbers; a bad row
+    stops the run unless data.on_bad_row=skip."""
     good, bad = [], []
-    for index, (row_number, row) in enumerate(zip(row_numbers, dataset.select_columns(list(FIELDS)))):
-        problem = _row_problem(row)
+    for row_number, keep, problem in checked:
         if problem is None:
-            good.append(index)
+            good.append(keep)
         elif policy == BadRowPolicy.error:
             raise DataError(f"{origin}: row {row_number}: {problem} (set data.on_bad_row=skip to skip bad rows)")
         else:
             bad.append(row_number)
     if bad:
         log.warning("%s: skipped %d bad rows (first: %s)", origin, len(bad), bad[:5])
-    dataset = dataset.select(good) if bad else dataset
-    return dataset.select_columns(list(FIELDS)), bad
+    return good, bad
 
 
 def _validate_conversations(dataset: Dataset, origin: str, policy: BadRowPolicy,
@@ -161,19 +169,17 @@ def _validate_conversations(dataset: Dataset, origin: str, policy: BadRowPolicy,
     if column not in dataset.column_names and "_row" not in dataset.column_names:
         raise DataError(f"{origin}: no '{column}' column (columns: {dataset.column_names}); "
                         f"data.format={data_format.value} reads '{column}'")
-    good, bad = [], []
-    for index, row in enumerate(dataset):
-        row_number = row.get("_row", index + 1)
-        messages, problem = (row["messages"], None) if "_row" in row else conversations.normalize(row, data_format)
-        if problem is None:
-            good.append({"messages": messages})
-        elif policy == BadRowPolicy.error:
-            raise DataError(f"{origin}: row {row_number}: {problem} (set data.on_bad_row=skip to skip bad rows)")
-        else:
-            bad.append(row_number)
-    if bad:
-        log.warning("%s: skipped %d bad rows (first: %s)", origin, len(bad), bad[:5])
-    return Dataset.from_list(good) if good else Dataset.from_list([]), bad
+
+    def checked():
+        for index, row in enumerate(dataset):
+            if "_row" in row:  # a JSON file's rows, checked as they were read
+                yield row["_row"], {"messages": row["messages"]}, None
+            else:
+                messages, problem = conversations.normalize(row, data_format)
+                yield index + 1, {"messages": messages}, problem
+
+    good, bad = _kept(checked(), origin, policy)
+    return Dataset.from_list(good), bad
 
 
 def _row_problem(row: dict) -> str | None:

@@ -8,9 +8,9 @@ A scored row is its token ids and, per kind of score, the first position whose t
     {"input_ids": [...], "scored_from": {"full": 1, "response": [[23, 31], [52, 60]]}}   a conversation
 
 "full" scores every token after the first (the whole text), "response" the answers and their EOS (what SFT trains
-with completion-only / assistant-only loss), "sliding" the tokens a window adds to a stream. One forward pass per batch serves every
-kind: the transformer runs once, then the LM head runs only on the positions some kind scores, HEAD_CHUNK at a
-time. Batches are sized by padded tokens, not rows, so long rows do not multiply memory. Perplexity is
+with completion-only / assistant-only loss), "sliding" the tokens a window adds to a stream. One forward pass per
+batch serves every kind: the transformer runs once, then the LM head runs only on the positions some kind scores,
+HEAD_CHUNK at a time. Batches are sized by padded tokens, not rows, so long rows do not multiply memory. Perplexity is
 exp(sum of token NLL / number of scored tokens): independent of batching and padding.
 """
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 PREAMBLE_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                        "context. Write a response that appropriately completes the request.\n\n")
-PREAMBLE_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+PREAMBLE_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                     "request.\n\n")
 PROMPT_WITH_INPUT = PREAMBLE_WITH_INPUT + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = PREAMBLE_NO_INPUT + "### Instruction:\n{instruction}\n\n### Response:\n"
 # Clients that send only role and content (OpenAI's API) write an Alpaca input inside the user's content, after the

@@ -1,17 +1,20 @@
 """Conversation data (OpenAI messages, ShareGPT): loading, validation naming file, row and turn, the loss on the
 assistant turns as TRL computes it, and held-out scoring of conversations."""
 
+import io
 import json
 import math
 
 import pytest
 from datasets import Dataset
+from rich.console import Console
 
 from convobot import scoring
-from convobot.config import DataConfig, ModelConfig
+from convobot.config import DataConfig, EvalConfig, ModelConfig
 from convobot.conversations import cut_messages
 from convobot.data import char_budget, encode_conversation, load_rows, prepare
 from convobot.errors import DataError
+from convobot.evaluate import evaluate
 from convobot.metrics import IGNORE_INDEX
 from convobot.modeling import load_base_model, load_tokenizer
 from convobot.template import format_example, user_message
@@ -130,7 +133,8 @@ def test_a_one_turn_conversation_scores_as_its_alpaca_row(tokenizer):
     pair = Dataset.from_list([format_example(row)])
     chat = Dataset.from_list([{"messages": [user_message(row["instruction"], row["input"]),
                                             {"role": "assistant", "content": row["output"]}]}])
-    (as_pair,), (as_chat,) = scoring.encode_examples(pair, tokenizer, 128), scoring.encode_examples(chat, tokenizer, 128)
+    (as_pair,) = scoring.encode_examples(pair, tokenizer, 128)
+    (as_chat,) = scoring.encode_examples(chat, tokenizer, 128)
     assert as_pair["input_ids"] == as_chat["input_ids"]
     assert as_chat["scored_from"]["response"] == [[as_pair["scored_from"]["response"], len(as_pair["input_ids"])]]
     model = load_base_model(ModelConfig(), tokenizer).eval()
@@ -175,3 +179,9 @@ def test_conversations_train_merge_and_score_end_to_end(train_smoke, quiet_merge
     assert results["data"]["format"] == "messages" and 0.0 <= results["exact_match"] <= 1.0
     report = quiet_merge(run_dir=str(run_dir), output_dir=str(tmp_path / "release"))
     assert report["perplexity"]["merged"]["response"]["tokens"] > 0
+    scores = evaluate(EvalConfig(model=str(tmp_path / "release"), run_dir=str(run_dir), compare=["adapter", "merged"]),
+                      console=Console(file=io.StringIO()))
+    merged = scores["models"]["merged"]
+    # Held-out response loss is what training reported: the assistant turns, scored the same way.
+    assert math.isclose(merged["response"]["loss"], results["eval_loss"], rel_tol=1e-4)
+    assert merged["full"]["tokens"] > merged["response"]["tokens"] > 0 and merged["sliding"]["windows"] >= 1
