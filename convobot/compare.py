@@ -9,6 +9,9 @@ Writes <out>/report.md, <out>/summary.csv and <out>/plots/: loss_curves.png (LoR
 perplexity_vs_params.png, peak_memory.png and throughput.png. Arguments are run dirs (holding
 metrics.json) or folders of them; a sweep's job that never finished is listed as incomplete.
 Run dirs are positional paths (not Hydra key=value): sweep job dirs have "=" in their names.
+`--mlflow URI` reads the runs back from an MLflow store instead (logger=mlflow), `--parent RUN_ID` one sweep's:
+
+    convobot-compare --mlflow sqlite:///outputs/mlflow.db --out reports/mlflow
 """
 
 from __future__ import annotations
@@ -111,7 +114,44 @@ def load_runs(paths) -> list[ComparedRun]:
     dirs = []
     for path in paths:
         dirs += [d for d in find_run_dirs(path) if d not in dirs]
-    runs = [load_run(d) for d in dirs]
+    return labelled([load_run(d) for d in dirs])
+
+
+def load_mlflow_runs(tracking_uri: str, experiment: str = "convobot", parent: str | None = None) -> list[ComparedRun]:
+    """The runs convobot logged to an MLflow store (all of `experiment`, or the child runs of the sweep run
+    `parent`), from the metrics.json and metrics.jsonl each one logged as artifacts."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise CompareError(f"{tracking_uri}: no MLflow experiment named {experiment!r}")
+    query = f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for logged in client.search_runs([found.experiment_id], query, order_by=["attributes.start_time ASC"]):
+            if "convobot.run_dir" not in logged.data.tags:  # a sweep's parent run
+                continue
+            names = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
+            local = Path(tmp) / logged.info.run_id
+            local.mkdir()
+            for name in {rundir.METRICS, rundir.METRICS_LOG} & names:
+                client.download_artifacts(logged.info.run_id, name, str(local))
+            metrics = json.loads((local / rundir.METRICS).read_text()) if (local / rundir.METRICS).is_file() else None
+            runs.append(ComparedRun(Path(logged.data.tags["convobot.run_dir"]),
+                                    logged.data.tags.get("overrides", "").split(), metrics,
+                                    rundir.read_metrics_log(local)))
+    if not runs:
+        raise CompareError(f"{tracking_uri}: no convobot runs in experiment {experiment!r}"
+                           + (f" under parent run {parent}" if parent else ""))
+    return labelled(runs)
+
+
+def labelled(runs: list[ComparedRun]) -> list[ComparedRun]:
+    """Label each run by the overrides that differ between them."""
     shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
     for run in runs:
         distinct = [o for o in run.overrides if o not in shared]
@@ -299,10 +339,10 @@ def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, tit
 
 
 def compare(paths, out_dir: Path, title: str = "convobot run comparison", overwrite: bool = False) -> Path:
-    """Report over the runs under `paths` into a fresh `out_dir`; returns report.md."""
-    runs = load_runs(paths)
+    """Report over the runs under `paths` (or over runs already loaded) into a fresh `out_dir`; returns report.md."""
+    runs = paths if paths and isinstance(paths[0], ComparedRun) else load_runs(paths)
     if not any(r.finished for r in runs):
-        raise CompareError(f"none of the {len(runs)} runs under {', '.join(map(str, paths))} finished")
+        raise CompareError(f"none of the {len(runs)} runs under {', '.join(str(r.path) for r in runs)} finished")
     with atomic.directory(out_dir, overwrite=overwrite) as tmp:
         write_report(runs, tmp, "report.md", title)
     return Path(out_dir) / "report.md"
@@ -312,15 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="convobot-compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("paths", nargs="+", type=Path, help="run dirs or sweep dirs")
+    parser.add_argument("paths", nargs="*", type=Path, help="run dirs or sweep dirs")
+    parser.add_argument("--mlflow", metavar="URI", help="read the runs from this MLflow store instead "
+                        "(e.g. sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--experiment", default="convobot", help="with --mlflow: the experiment")
+    parser.add_argument("--parent", metavar="RUN_ID", help="with --mlflow: only this sweep run's jobs")
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (default: outputs/compare/<date>_<time>)")
     parser.add_argument("--title", default="convobot run comparison")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     out = args.out or Path("outputs/compare") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if bool(args.paths) == bool(args.mlflow):
+        parser.error("give run dirs / sweep dirs, or --mlflow URI")
     with one_line_errors("convobot-compare"):
-        report = compare(args.paths, out, args.title, args.overwrite)
+        runs = load_mlflow_runs(args.mlflow, args.experiment, args.parent) if args.mlflow else args.paths
+        report = compare(runs, out, args.title, args.overwrite)
     print(report.read_text())
     print(f"report: {report}")
     return 0

@@ -187,6 +187,27 @@ class ReportConfig:
     before: bool = True
 
 
+class Tracker(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
+@dataclass
+class LoggerConfig:
+    """Where a run's config, step metrics, results and files are tracked (conf/logger/)."""
+    name: Tracker = Tracker.none
+    # The MLflow experiment / W&B project the runs go to.
+    experiment: str = "convobot"
+    # MLflow: null is a SQLite store in outputs/ where the run is launched (sqlite:///<cwd>/outputs/mlflow.db).
+    tracking_uri: Optional[str] = None
+    # MLflow: where a new experiment keeps artifacts (null: outputs/mlflow-artifacts beside the store).
+    artifact_location: Optional[str] = None
+    # W&B: offline (no network; `wandb sync` uploads later), online, or disabled.
+    mode: str = "offline"
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +217,7 @@ class TrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     # false | true (newest checkpoint in this run dir, else an error) | auto (the same, else start fresh)
     # | a run dir or checkpoint-N path. See convobot/resume.py.

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from convobot import atomic, compare
+from convobot import atomic, compare, tracking
 from convobot.errors import CompareError
 
 log = logging.getLogger(__name__)
@@ -46,3 +46,4 @@ class SweepSummary(Callback):
             atomic.write_text(summary, summary.read_text()
                           + f"\n## Optuna best trial\n\neval loss {best.best_value:.4f} with `{params}`\n")
         log.info("sweep summary: %s (%d jobs)", summary, len(runs))
+        tracking.close_sweep(sweep_dir, [summary, sweep_dir / "summary.csv", sweep_dir / "plots"])

@@ -33,7 +33,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from convobot import (atomic, attention, cpu_memory, data, distributed, loss_head, metrics, modeling, resume, rundir,
-                      scoring)
+                      scoring, tracking)
 from convobot.callbacks import LossAndThroughputProgress, MetricsJsonl
 from convobot.cli import one_line_errors
 from convobot.config import CONF_DIR, DataFormat, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
@@ -163,18 +163,22 @@ def score(model, tokenizer, dataset: data.InstructionData, cfg: TrainConfig) -> 
     return scores
 
 
-def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = ()) -> dict:
+def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = (),
+        sweep_dir: Path | None = None) -> dict:
     """Train one experiment into `run_dir` and return its metrics (also written to metrics.json).
-    `callbacks` join the Trainer's (benchmarks and tests read memory and state through them). The run dir
-    belongs to this run while it lasts: rank 0 holds its lock."""
+    `callbacks` join the Trainer's (benchmarks and tests read memory and state through them); `sweep_dir` is the
+    multirun this job belongs to (its tracker groups the jobs). The run dir belongs to this run while it lasts:
+    rank 0 holds its lock."""
     run_dir = rundir.usable_dir(run_dir)
     with rundir.claimed(run_dir) if distributed.rank() == 0 else contextlib.nullcontext():
-        return train_into(cfg, run_dir, list(callbacks))
+        return train_into(cfg, run_dir, list(callbacks), sweep_dir)
 
 
-def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]) -> dict:
+def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback], sweep_dir: Path | None) -> dict:
     """The recipe, in a run dir this process owns."""
     checkpoint = resume.find_checkpoint(cfg.resume, run_dir)  # before any work: a wrong path fails at once
+    # The tracker is reached before any work too: an unusable one fails now, not after training.
+    tracker = tracking.open_tracking(cfg, run_dir, sweep_dir) if distributed.rank() == 0 else None
     if checkpoint is None and distributed.rank() == 0:
         # resume=auto found nothing to continue: what is there is an earlier attempt of this run (SLURM requeue).
         rundir.start_fresh(run_dir, overwrite=cfg.overwrite or cfg.resume == "auto")
@@ -213,6 +217,9 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     is_main = trainer.is_world_process_zero()
     if is_main:
         rundir.write_config(run_dir, cfg)
+        tracking.begin(tracker, cfg, run_dir)
+        if tracker is not None:
+            trainer.add_callback(tracking.TrackingCallback(tracker))
         rundir.write_heldout(run_dir, dataset.eval_rows)
         if cfg.model.source != ModelSource.hub:
             # A random-init base cannot be re-downloaded, and the bundled one may change with the package: keep
@@ -276,6 +283,7 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     }
     if is_main:
         rundir.write_metrics(run_dir, results)
+        tracking.end(tracker, results, run_dir)
         samples = dataset.eval_rows[:cfg.report.samples]
         generations = answer(trainer.model, tokenizer, samples, cfg.report.max_new_tokens) if samples else []
         print_results(results, run_dir, list(zip(samples, generations)))
@@ -291,7 +299,8 @@ def main(raw: DictConfig) -> float:
         # Under torchrun / accelerate launch / SLURM every rank gets here; all use rank 0's run dir.
         use_cpu = modeling.resolve_device(cfg.hardware.device).type == "cpu"
         run_dir = distributed.shared_run_dir(Path(hydra_cfg.runtime.output_dir), use_cpu, cfg.train.ddp_backend)
-        results = run(cfg, run_dir)
+        sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+        results = run(cfg, run_dir, sweep_dir=sweep_dir)
     return results.get("eval_loss", float("nan"))
 
 
