@@ -113,6 +113,8 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
+    # The conf/peft option (lora, dora, rslora, full): what reports and trackers call the method.
+    name: str = "lora"
     method: PeftMethod = PeftMethod.lora
     r: int = 8
     alpha: int = 16
@@ -120,6 +122,10 @@ class PeftConfig:
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
     fan_in_fan_out: bool = True
     bias: str = "none"
+    # DoRA: the update split into magnitude and direction (peft's use_dora).
+    use_dora: bool = False
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so larger ranks keep learning (use_rslora).
+    use_rslora: bool = False
 
 
 @dataclass

@@ -69,6 +69,7 @@ def context_length(config) -> int:
 # Canonical GPT-2 sizes: their hub config.json files equal these GPT2Config arguments, so no download.
 GPT2_SIZES = {
     "gpt2": {},
+    "distilgpt2": {"n_layer": 6},
     "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
     "gpt2-large": {"n_layer": 36, "n_embd": 1280, "n_head": 20},
     "gpt2-xl": {"n_layer": 48, "n_embd": 1600, "n_head": 25},
@@ -201,6 +202,8 @@ def lora_config(cfg: PeftConfig):
         # (in_features, out_features); LoRA must know or its update has the wrong shape.
         fan_in_fan_out=cfg.fan_in_fan_out,
         bias=cfg.bias,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
         task_type="CAUSAL_LM",
     )
 

@@ -253,6 +253,7 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     results = {
         "experiment": cfg.experiment_name,
         "method": cfg.peft.method.value,
+        "peft": cfg.peft.name,
         "train_loss": train_loss,
         **after,
         "before": before,
