@@ -32,7 +32,8 @@ from convobot.cli import one_line_errors
 from convobot.errors import CompareError
 
 PLOTS = ("loss_curves", "perplexity_vs_params", "peak_memory", "throughput")
-METHOD_STYLE = {"lora": ("tab:blue", "-", "o"), "full": ("tab:orange", "--", "s")}
+METHOD_STYLE = {"lora": ("tab:blue", "-", "o"), "full": ("tab:orange", "--", "s"), "dora": ("tab:green", "-.", "D"),
+                "qlora": ("tab:purple", "-", "v"), "rslora": ("tab:cyan", "-", "P")}
 COLUMNS = (
     "run", "overrides", "method", "trainable_params", "trainable_percent", "peak_memory_mib", "device",
     "tokens_per_second", "wall_seconds", "train_loss_final", "train_loss_mean", "eval_loss",
@@ -56,7 +57,8 @@ class ComparedRun:
 
     @property
     def method(self) -> str:
-        return self.metrics.get("method", "?") if self.metrics else "?"
+        """The peft option (lora, dora, qlora, rslora, full); runs from before it was recorded give lora / full."""
+        return self.metrics.get("peft", self.metrics.get("method", "?")) if self.metrics else "?"
 
     def row(self) -> dict:
         m = self.metrics or {}

@@ -126,6 +126,10 @@ class PeftConfig:
     use_dora: bool = False
     # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so larger ranks keep learning (use_rslora).
     use_rslora: bool = False
+    # QLoRA: nf4 (or fp4) keeps the frozen base's linear layers in 4 bits (bitsandbytes); null: the base as is.
+    quantization: Optional[str] = None
+    # Quantise the 4-bit blocks' scales too (QLoRA's double quantisation: ~0.4 bits per weight less).
+    double_quant: bool = True
 
 
 @dataclass

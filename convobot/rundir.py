@@ -286,19 +286,23 @@ def load_folder(folder: Path):
 
 def load_base(run: RunDir):
     """The run's base model in fp32: the base the run saved (bundled or random init) or the hub model at its
-    revision."""
+    revision; for a QLoRA run, with the 4-bit values it trained on, dequantised."""
     import torch
 
-    from convobot.modeling import load_base_model, load_tokenizer
+    from convobot.modeling import load_base_model, load_tokenizer, round_trip_4bit
 
     if run.config.model.source != ModelSource.hub:
         folder = run.path / BASE_MODEL
         if not folder.is_dir():
             raise ModelPathError(f"{folder} is missing: the run's base ({run.config.model.source.value}) is kept "
                                  "there")
-        return load_folder(folder)
-    tokenizer = load_tokenizer(str(run.weights_dir))
-    return load_base_model(run.config.model, tokenizer, torch.float32).eval()
+        base = load_folder(folder)
+    else:
+        tokenizer = load_tokenizer(str(run.weights_dir))
+        base = load_base_model(run.config.model, tokenizer, torch.float32).eval()
+    if run.config.peft.quantization:
+        round_trip_4bit(base, run.config.peft)
+    return base
 
 
 def load_trained(run: RunDir, base=None):

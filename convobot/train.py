@@ -134,7 +134,14 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
                   dataset: data.InstructionData) -> tuple[SFTTrainer, OptimizerChoice]:
     """The model (base, dropout, LoRA), the optimizer and TRL's SFTTrainer for `cfg`: what `run` trains and
     benchmarks/train_throughput.py times."""
-    base = modeling.load_base_model(cfg.model, tokenizer, modeling.base_dtype(precision, cfg.peft.method))
+    dtype = modeling.base_dtype(precision, cfg.peft.method)
+    if cfg.peft.quantization:  # QLoRA: the frozen base in 4 bits, computing in the precision's dtype
+        from peft import prepare_model_for_kbit_training
+
+        base = modeling.load_quantized_base(cfg.model, cfg.peft, dtype, device)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+    else:
+        base = modeling.load_base_model(cfg.model, tokenizer, dtype)
     modeling.prepare_for_training(base, cfg.model)
     if cfg.train.packing:
         attention.attend_row_by_row(base)  # the block-diagonal mask's maths, without its masked blocks

@@ -14,7 +14,7 @@ from convobot.scoring import HEAD_CHUNK
 from convobot.optim import optimizer_name
 from convobot.plan.formulas import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, TRL_TOKEN_TILE, Architecture,
                                     activation_bytes, block_activation_bytes, eval_logits_bytes, loss_head_bytes,
-                                    optimizer_state_bytes, tensor_bytes, triton_head)
+                                    optimizer_state_bytes, quantized_4bit_bytes, tensor_bytes, triton_head)
 
 
 @dataclass
@@ -83,6 +83,16 @@ def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
     return model
 
 
+def quantized_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights bitsandbytes would hold in 4 bits: every linear layer's (GPT-2's Conv1D too) but the output
+    layer's and the adapters' own."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [module.weight for name, module in model.named_modules()
+            if isinstance(module, (Conv1D, torch.nn.Linear)) and "lora_" not in name
+            and name.rsplit(".", 1)[-1] not in modeling.QUANTIZED_SKIP]
+
+
 def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision | None = None,
              budget_gb: float | None = None) -> Plan:
     """The memory plan of training `cfg` on `device` ("cuda"/"cpu"; default: where it would run)."""
@@ -104,6 +114,12 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     frozen_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params if not p.requires_grad})
 
     weights = tensor_bytes(params) + tensor_bytes(model.buffers())
+    quantized = quantized_weights(model) if cfg.peft.quantization else []
+    if quantized:  # QLoRA: these are 4-bit on the card, dequantised one at a time while they compute
+        weights -= sum(w.numel() * w.element_size() for w in quantized)
+        weights += sum(quantized_4bit_bytes(w.numel(), cfg.peft.double_quant) for w in quantized)
+    dequantized = max((w.numel() for w in quantized), default=0) * modeling.base_dtype(precision,
+                                                                                         cfg.peft.method).itemsize
     grads = 4 * sum(p.numel() for p in trainable)
     states, states_detail, paged, step_copy = optimizer_state_bytes(model, optim_name, device)
     saved, block = activation_bytes(arch, cfg, batch, seq, device, autocast)
@@ -119,7 +135,13 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     parts = {
         "weights": Part("weights", weights,
                         f"{sum(p.numel() for p in params):,} params: {len(trainable)} trainable tensors fp32"
-                        + (f", frozen {'/'.join(frozen_dtypes)}" if frozen_dtypes else "")),
+                        + (f", frozen {'/'.join(frozen_dtypes)}" if frozen_dtypes else "")
+                        + (f" ({len(quantized)} linear weights in 4-bit {cfg.peft.quantization}"
+                           f"{' + double-quantised scales' if cfg.peft.double_quant else ' + fp32 scales'})"
+                           if quantized else "")),
+        "dequantization buffer": Part("dequantization buffer", dequantized,
+                                      "the largest 4-bit weight dequantised to compute precision" if quantized
+                                      else "none: no 4-bit weights"),
         "gradients": Part("gradients", grads, f"{sum(p.numel() for p in trainable):,} trainable values, fp32"),
         "optimizer states": Part("optimizer states", states, states_detail),
         "activations": Part("activations", saved,
@@ -144,7 +166,8 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     }
     phase_parts = {
         "end of forward (loss head)": ("weights", "optimizer states", "activations", "loss head"),
-        "end of backward": ("weights", "optimizer states", "gradients", "block working set"),
+        "end of backward": ("weights", "optimizer states", "gradients", "block working set",
+                            "dequantization buffer"),
         "optimizer step": ("weights", "optimizer states", "gradients", "optimizer step temporaries"),
         "evaluation": ("weights", "optimizer states", "eval logits"),
     }

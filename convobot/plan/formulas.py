@@ -207,3 +207,11 @@ def eval_logits_bytes(arch: Architecture, tokens: int, dtype: torch.dtype) -> in
 
     hidden = 2 * tokens * arch.hidden * dtype.itemsize
     return hidden + min(tokens, HEAD_CHUNK) * arch.vocab * (dtype.itemsize + 4 + 4)
+
+
+def quantized_4bit_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
+    """A weight in bitsandbytes' 4-bit format: two values per byte, plus one absmax per block of `blocksize` values:
+    fp32, or with double quantisation 8-bit with one fp32 scale per 256 of them (QLoRA's ~0.127 bits per value)."""
+    blocks = math.ceil(numel / blocksize)
+    constants = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + constants
