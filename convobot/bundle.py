@@ -66,10 +66,13 @@ def verify(folder: Path, enabled: bool = True) -> None:
                                 "changed or damaged; verify_checksums=false uses it anyway)")
 
 
-def add_export(folder: Path, name: str, result: dict) -> None:
-    """Record an export written into the bundle (`name`/) in merge_report.json and hash its files: only if the rest
-    of the bundle still matches its SHA256SUMS (a bundle that does not verify is never re-signed)."""
-    folder = Path(folder)
+def add_export(folder: Path, export_dir: Path, result: dict) -> None:
+    """Record an export written into the bundle (`export_dir`, a folder directly inside it; one written elsewhere is
+    not the bundle's) in merge_report.json and hash its files: only if the rest of the bundle still matches its
+    SHA256SUMS (a bundle that does not verify is never re-signed)."""
+    folder, name = Path(folder), Path(export_dir).name
+    if Path(export_dir).resolve().parent != folder.resolve():
+        return
     signed = (folder / CHECKSUMS).is_file()
     if signed:
         problems = [p for p in checksum_mismatches(folder) if not p.startswith(f"{name}/")]

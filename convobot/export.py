@@ -115,8 +115,7 @@ def export(cfg: ExportConfig, console: Console | None = None) -> dict:
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "onnx"
     with atomic.directory(output_dir, overwrite=cfg.overwrite) as tmp:
         result = export_onnx(model, tmp, example_batch(tokenizer), cfg.tolerance, cfg.opset)
-    if output_dir.resolve().parent == folder.resolve():
-        bundle.add_export(folder, "onnx", result)
+    bundle.add_export(folder, output_dir, result)
     console.print(f"{output_dir / result['file']}: onnxruntime matches PyTorch to max |logit diff| "
                   f"{result['max_abs_logit_diff']:.2e} (tolerance {cfg.tolerance:g}) on shapes {result['checked_shapes']}")
     return result

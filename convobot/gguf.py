@@ -301,8 +301,7 @@ def export_gguf(cfg: GGUFConfig, console: Console | None = None) -> dict:
                                                        context_length(model.config)))
     result = {"types": results, "modelfile": "Modelfile", "converter": str(converter),
               "llama_cpp_python": importlib.metadata.version("llama-cpp-python")}
-    if output_dir.resolve().parent == folder.resolve():
-        bundle.add_export(folder, "gguf", result)
+    bundle.add_export(folder, output_dir, result)
     console.print(f"{output_dir}: {', '.join(r['file'] for r in results.values())} and a Modelfile "
                   f"(ollama create <name> -f {output_dir / 'Modelfile'})")
     return result

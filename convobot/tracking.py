@@ -219,6 +219,8 @@ def begin(tracking: Tracking | None, cfg: TrainConfig, run_dir: Path) -> None:
     overrides = rundir.read_overrides(run_dir)
     tags = {"overrides": " ".join(overrides), "convobot.run_dir": str(run_dir), "convobot.experiment":
             cfg.experiment_name}
+    # Each override its own tag too (override.peft = lora), to filter and group runs by.
+    tags |= {f"override.{key.lstrip('+~')}": value for key, _, value in (o.partition("=") for o in overrides)}
     tracking.safely("start the run", tracking.start, flatten(to_container(cfg)), tags)
 
 

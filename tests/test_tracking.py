@@ -45,6 +45,7 @@ def test_a_sweep_is_one_mlflow_parent_run_with_a_child_run_per_job(tmp_path):
                              .joinpath("metrics.json").read_text())
         assert child.data.metrics["eval_loss"] == pytest.approx(metrics["eval_loss"])
         assert child.data.params["optim.lr"] == "0.001" and "peft=" in child.data.tags["overrides"]
+        assert child.data.tags["override.peft"] == child.data.params["peft.method"]
         assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # steps 2 and 4
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"metrics.json", "config.yaml"}
         assert child.info.status == "FINISHED"
