@@ -341,10 +341,14 @@ def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, tit
 
 
 def compare(paths, out_dir: Path, title: str = "convobot run comparison", overwrite: bool = False) -> Path:
-    """Report over the runs under `paths` (or over runs already loaded) into a fresh `out_dir`; returns report.md."""
-    runs = paths if paths and isinstance(paths[0], ComparedRun) else load_runs(paths)
+    """Report over the runs under `paths` into a fresh `out_dir`; returns report.md."""
+    return report_on(load_runs(paths), ", ".join(map(str, paths)), out_dir, title, overwrite)
+
+
+def report_on(runs: list[ComparedRun], origin: str, out_dir: Path, title: str, overwrite: bool) -> Path:
+    """Report over loaded runs (from `origin`: their dirs or a tracking store) into a fresh `out_dir`."""
     if not any(r.finished for r in runs):
-        raise CompareError(f"none of the {len(runs)} runs under {', '.join(str(r.path) for r in runs)} finished")
+        raise CompareError(f"none of the {len(runs)} runs under {origin} finished")
     with atomic.directory(out_dir, overwrite=overwrite) as tmp:
         write_report(runs, tmp, "report.md", title)
     return Path(out_dir) / "report.md"
@@ -368,8 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.paths) == bool(args.mlflow):
         parser.error("give run dirs / sweep dirs, or --mlflow URI")
     with one_line_errors("convobot-compare"):
-        runs = load_mlflow_runs(args.mlflow, args.experiment, args.parent) if args.mlflow else args.paths
-        report = compare(runs, out, args.title, args.overwrite)
+        if args.mlflow:
+            runs = load_mlflow_runs(args.mlflow, args.experiment, args.parent)
+            report = report_on(runs, args.mlflow, out, args.title, args.overwrite)
+        else:
+            report = compare(args.paths, out, args.title, args.overwrite)
     print(report.read_text())
     print(f"report: {report}")
     return 0

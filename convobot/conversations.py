@@ -12,9 +12,20 @@ an assistant turn (a last user turn would have no answer to train on).
 from __future__ import annotations
 
 from convobot.config import DataFormat
+from convobot.template import ROLES
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 COLUMN = {DataFormat.messages: "messages", DataFormat.sharegpt: "conversations"}
+# The column that says which data.format a row is in.
+FORMAT_OF_COLUMN = {"instruction": DataFormat.alpaca, "messages": DataFormat.messages,
+                    "conversations": DataFormat.sharegpt}
+
+
+def format_hint(columns, expected: str, holder: str = "the row") -> str:
+    """" (the row has 'messages': set data.format=messages)" when `columns` hold another format's column than
+    the `expected` one, else ""."""
+    other = next((column for column in FORMAT_OF_COLUMN if column in columns and column != expected), None)
+    return f" ({holder} has '{other}': set data.format={FORMAT_OF_COLUMN[other].value})" if other else ""
 
 
 def normalize(row: dict, data_format: DataFormat) -> tuple[list[dict] | None, str | None]:
@@ -22,9 +33,7 @@ def normalize(row: dict, data_format: DataFormat) -> tuple[list[dict] | None, st
     column = COLUMN[data_format]
     turns = row.get(column)
     if turns is None:
-        other = next((c for c in ("messages", "conversations", "instruction") if c in row and c != column), None)
-        hint = f" (the row has '{other}': set data.format={_format_of(other)})" if other else ""
-        return None, f"field '{column}' is missing{hint}"
+        return None, f"field '{column}' is missing{format_hint(row, column)}"
     if not isinstance(turns, list) or not turns:
         return None, f"field '{column}' must be a non-empty list of turns"
     messages = []
@@ -37,10 +46,6 @@ def normalize(row: dict, data_format: DataFormat) -> tuple[list[dict] | None, st
     return (None, problem) if problem else (messages, None)
 
 
-def _format_of(column: str) -> str:
-    return {"messages": "messages", "conversations": "sharegpt", "instruction": "alpaca"}[column]
-
-
 def _turn(turn, data_format: DataFormat) -> tuple[dict | None, str | None]:
     if not isinstance(turn, dict):
         return None, f"expected an object, got {type(turn).__name__}"
@@ -51,8 +56,8 @@ def _turn(turn, data_format: DataFormat) -> tuple[dict | None, str | None]:
         role, content, extra = SHAREGPT_ROLES[speaker], text, {}
     else:
         role, content = turn.get("role"), turn.get("content")
-        if role not in ("system", "user", "assistant"):
-            return None, f"unknown role {role!r} (use system, user or assistant)"
+        if role not in ROLES:
+            return None, f"unknown role {role!r} (use {', '.join(ROLES[:-1])} or {ROLES[-1]})"
         extra = {"input": turn["input"]} if turn.get("input") is not None else {}
     field = "value" if data_format == DataFormat.sharegpt else "content"
     if not isinstance(content, str):

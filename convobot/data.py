@@ -133,10 +133,8 @@ def _validate(dataset: Dataset, origin: str, policy: BadRowPolicy,
         return _validate_conversations(dataset, origin, policy, data_format)
     missing_columns = [c for c in REQUIRED_NONEMPTY if c not in dataset.column_names]
     if missing_columns:
-        other = [column for column in conversations.COLUMN.values() if column in dataset.column_names]
-        hint = f" (it has '{other[0]}': set data.format={'messages' if other[0] == 'messages' else 'sharegpt'})" \
-            if other else ""
-        raise DataError(f"{origin}: missing column(s) {missing_columns}; need {list(FIELDS)}{hint}")
+        raise DataError(f"{origin}: missing column(s) {missing_columns}; need {list(FIELDS)}"
+                        f"{conversations.format_hint(dataset.column_names, 'instruction', 'it')}")
     if "input" not in dataset.column_names:
         dataset = dataset.add_column("input", [""] * len(dataset))
     row_numbers = dataset["_row"] if "_row" in dataset.column_names else range(1, len(dataset) + 1)
@@ -183,10 +181,9 @@ def _validate_conversations(dataset: Dataset, origin: str, policy: BadRowPolicy,
 
 
 def _row_problem(row: dict) -> str | None:
-    other = next((column for column in conversations.COLUMN.values() if column in row), None)
-    if other and "instruction" not in row:
-        fmt = "messages" if other == "messages" else "sharegpt"
-        return f"field 'instruction' is missing (the row has '{other}': set data.format={fmt})"
+    hint = conversations.format_hint(row, "instruction")
+    if hint and "instruction" not in row:
+        return f"field 'instruction' is missing{hint}"
     for key in FIELDS:
         value = row.get(key)
         if value is None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -125,23 +126,38 @@ def convert(converter: Path, staged: Path, out: Path, kind: str) -> None:
 
 # ----------------------------------------------------------------------------- the checks
 
-def check_texts(examples, tokenizer, max_length: int, rows: int) -> tuple[list[str], list[list[int]]]:
-    """Held-out rows as text (prompt, answer, EOS) and, for the greedy check, each row's prompt ids."""
-    encoded = scoring.encode_examples(examples.select(range(min(rows, len(examples)))), tokenizer, max_length)
-    texts, prompts = [], []
+@dataclass
+class Reference:
+    """PyTorch's side of the checks, computed once for every file checked against it: held-out rows as text
+    (prompt, answer, EOS), their ids and logits, and each row's prompt with PyTorch's greedy continuation."""
+    texts: list[str]
+    ids: list[list[int]]
+    logits: list[np.ndarray]
+    prompts: list[list[int]]
+    greedy: list[list[int]]
+    steps: int
+
+
+@torch.no_grad()
+def reference(model, tokenizer, examples, rows: int, steps: int) -> Reference:
+    context = context_length(model.config)
+    encoded = scoring.encode_examples(examples.select(range(min(rows, len(examples)))), tokenizer, context)
+    texts = [tokenizer.decode(row["input_ids"]) for row in encoded]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:context] for text in texts]
+    logits = [model(torch.tensor([row])).logits[0].float().numpy() for row in ids]
+    prompts = []
     for row in encoded:
-        texts.append(tokenizer.decode(row["input_ids"]))
         where = row["scored_from"]["response"]
         first = where if isinstance(where, int) else (where[-1][0] if where else len(row["input_ids"]))
         prompts.append(row["input_ids"][:first])
-    return texts, prompts
+    greedy = [greedy_torch(model, prompt, steps, tokenizer.eos_token_id) for prompt in prompts]
+    return Reference(texts, ids, logits, prompts, greedy, steps)
 
 
 def greedy_torch(model, prompt: list[int], steps: int, eos: int) -> list[int]:
-    with torch.no_grad():
-        output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos,
-                                pad_token_id=eos)
+    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=steps, do_sample=False, repetition_penalty=1.0, eos_token_id=eos,
+                            pad_token_id=eos)
     return output[0, len(prompt):].tolist()
 
 
@@ -177,8 +193,7 @@ def first_difference(model, prompt: list[int], expected: list[int], got: list[in
     return None
 
 
-def verify_gguf(path: Path, model, tokenizer, texts: list[str], prompts: list[list[int]], steps: int,
-                tolerance: float) -> dict:
+def verify_gguf(path: Path, model, tokenizer, expected: Reference, tolerance: float) -> dict:
     """Load `path` with llama.cpp and compare it with the PyTorch model: ids, logits, greedy tokens, EOS."""
     import llama_cpp
 
@@ -190,37 +205,34 @@ def verify_gguf(path: Path, model, tokenizer, texts: list[str], prompts: list[li
         eos = tokenizer.eos_token_id
         if llm.token_eos() != eos:
             raise VerificationError(f"{path.name}: EOS is token {llm.token_eos()} in llama.cpp, {eos} in the tokenizer")
-        for text in [*HARD_STRINGS, *texts]:
+        for text in [*HARD_STRINGS, *expected.texts]:
             ours = tokenizer(text, add_special_tokens=False)["input_ids"]
             theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
             if ours != theirs:
                 raise VerificationError(f"{path.name}: llama.cpp tokenizes {text[:60]!r} as {theirs[:12]}..., the "
                                         f"tokenizer as {ours[:12]}...")
         difference = 0.0
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:context]
+        for ids, logits in zip(expected.ids, expected.logits):
             llm.reset()
             llm.eval(ids)
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0].float().numpy()
             difference = max(difference, float(np.abs(np.asarray(llm.scores[:len(ids)]) - logits).max()))
         if not difference <= tolerance:
             raise VerificationError(f"{path.name}: llama.cpp's logits differ from PyTorch's by {difference:.3g} > "
                                     f"tolerance {tolerance:g} (config key 'tolerance.{path.stem.split('-')[-1]}')")
         stopped = near_ties = 0
-        for prompt in prompts:
-            expected = greedy_torch(model, prompt, steps, eos)
+        steps = expected.steps
+        for prompt, greedy in zip(expected.prompts, expected.greedy):
             got = greedy_llama(llm, prompt, steps, eos)
-            diverged = first_difference(model, prompt, expected, got, 2 * tolerance, path.name)
+            diverged = first_difference(model, prompt, greedy, got, 2 * tolerance, path.name)
             near_ties += diverged is not None
-            if diverged is None and expected and expected[-1] == eos:  # llama.cpp's own loop must stop there too
+            if diverged is None and greedy and greedy[-1] == eos:  # llama.cpp's own loop must stop there too
                 completion = llm.create_completion(prompt, max_tokens=2 * steps, temperature=0.0, repeat_penalty=1.0)
                 if completion["choices"][0]["finish_reason"] != "stop":
                     raise VerificationError(f"{path.name}: llama.cpp did not stop at EOS")
                 stopped += 1
         return {"file": path.name, "bytes": path.stat().st_size, "max_abs_logit_diff": difference,
-                "tolerance": tolerance, "texts_tokenized_equal": len(HARD_STRINGS) + len(texts),
-                "greedy_rows": len(prompts), "greedy_tokens": steps, "greedy_near_ties": near_ties,
+                "tolerance": tolerance, "texts_tokenized_equal": len(HARD_STRINGS) + len(expected.texts),
+                "greedy_rows": len(expected.prompts), "greedy_tokens": steps, "greedy_near_ties": near_ties,
                 "stopped_at_eos": stopped}
     finally:
         llm.close()
@@ -280,8 +292,7 @@ def export_gguf(cfg: GGUFConfig, console: Console | None = None) -> dict:
     model, tokenizer = load_model(folder, cfg.verify_checksums)
     model.eval()
     converter = converter_dir(cfg.converter)
-    texts, prompts = check_texts(held_out_examples(folder, tokenizer), tokenizer, context_length(model.config),
-                                 cfg.check_rows)
+    expected = reference(model, tokenizer, held_out_examples(folder, tokenizer), cfg.check_rows, cfg.greedy_tokens)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "gguf"
     results = {}
     with atomic.directory(output_dir, overwrite=cfg.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
@@ -289,11 +300,10 @@ def export_gguf(cfg: GGUFConfig, console: Console | None = None) -> dict:
         for kind in cfg.types:
             path = tmp / f"model-{kind}.gguf"
             convert(converter, staged, path, kind)
-            results[kind] = verify_gguf(path, model, tokenizer, texts, prompts, cfg.greedy_tokens,
-                                        cfg.tolerance.get(kind, 0.0))
+            results[kind] = verify_gguf(path, model, tokenizer, expected, cfg.tolerance.get(kind, 0.0))
             console.print(f"{kind}: {path.name} ({results[kind]['bytes'] / 2**20:.1f} MiB) matches PyTorch: max "
                           f"|logit diff| {results[kind]['max_abs_logit_diff']:.2e} (tolerance "
-                          f"{results[kind]['tolerance']:g}), greedy tokens equal on {len(prompts)} rows"
+                          f"{results[kind]['tolerance']:g}), greedy tokens equal on {len(expected.prompts)} rows"
                           + (f" ({results[kind]['greedy_near_ties']} up to a near-tie)"
                              if results[kind]["greedy_near_ties"] else ""))
         ollama_file = results.get("f16", results[cfg.types[0]])["file"]

@@ -166,6 +166,16 @@ def load_quantized_base(cfg: ModelConfig, peft: PeftConfig, compute_dtype: torch
     return model
 
 
+def quantizable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers bitsandbytes holds in 4 bits: every linear layer (GPT-2's Conv1D too) but the output layer and a
+    LoRA adapter's own."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (Conv1D, torch.nn.Linear)) and "lora_" not in name
+            and name.rsplit(".", 1)[-1] not in QUANTIZED_SKIP]
+
+
 @torch.no_grad()
 def round_trip_4bit(model: torch.nn.Module, cfg: PeftConfig) -> int:
     """Replace each weight bitsandbytes quantises with its 4-bit value, dequantised to fp32, in place: the base a
@@ -175,9 +185,7 @@ def round_trip_4bit(model: torch.nn.Module, cfg: PeftConfig) -> int:
     from transformers.pytorch_utils import Conv1D
 
     changed = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, (Conv1D, torch.nn.Linear)) or name.rsplit(".", 1)[-1] in QUANTIZED_SKIP:
-            continue
+    for _, module in quantizable_layers(model):
         linear = module.weight.T if isinstance(module, Conv1D) else module.weight
         packed, state = bnb.quantize_4bit(linear.float().contiguous(), blocksize=BNB_BLOCKSIZE,
                                           compress_statistics=cfg.double_quant, quant_type=cfg.quantization)

@@ -37,7 +37,7 @@ from convobot.errors import MissingExtraError
 from convobot.generate import stream_continuation
 from convobot.modeling import context_length, resolve_device
 from convobot.rundir import load_model
-from convobot.template import render_prompt
+from convobot.template import ROLES, render_prompt
 
 
 def require_serve_extra() -> None:
@@ -73,8 +73,8 @@ def conversation(messages: list) -> list[dict]:
         raise RequestError("messages must hold at least one user message", "messages")
     turns = []
     for index, message in enumerate(messages):
-        if message.role not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{index}].role: {message.role!r} is not supported (system, user, assistant)",
+        if message.role not in ROLES:
+            raise RequestError(f"messages[{index}].role: {message.role!r} is not supported ({', '.join(ROLES)})",
                                f"messages[{index}].role")
         turn = {"role": message.role, "content": text_of(message.content, index)}
         if message.input:

@@ -65,6 +65,9 @@ class Tracking:
         self.broken = False
 
     # --- the per-tool parts
+    def check(self) -> None:
+        """Fail now, before training, if the tracker cannot be used (nothing to check by default)."""
+
     def start(self, params: dict, tags: dict) -> None:
         raise NotImplementedError
 
@@ -151,9 +154,6 @@ class MLflowTracking(Tracking):
 
 
 class TensorBoardTracking(Tracking):
-    def check(self) -> None:
-        pass
-
     def start(self, params, tags):
         from torch.utils.tensorboard import SummaryWriter
 

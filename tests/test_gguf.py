@@ -11,7 +11,7 @@ from convobot.bundle import checksum_mismatches, read_report
 from convobot.chat import chat
 from convobot.config import ChatConfig, GenerationOptions, GGUFConfig
 from convobot.errors import ConfigError, VerificationError
-from convobot.gguf import check_texts, export_gguf, held_out_examples, verify_gguf
+from convobot.gguf import export_gguf, held_out_examples, reference, verify_gguf
 from convobot.rundir import load_base, load_model, open_run
 from convobot.template import CHAT_TEMPLATE
 
@@ -73,9 +73,10 @@ def test_the_check_fails_on_a_file_that_is_not_the_model(exported, smoke_release
     bundle, _ = exported
     run = open_run(smoke_release.run_dir)
     _, tokenizer = load_model(bundle)
-    texts, prompts = check_texts(held_out_examples(bundle, tokenizer), tokenizer, 256, 2)
+    base = load_base(run).eval()
+    expected = reference(base, tokenizer, held_out_examples(bundle, tokenizer), rows=2, steps=8)
     with pytest.raises(VerificationError, match="logits differ from PyTorch's|greedy tokens differ"):
-        verify_gguf(bundle / "gguf" / "model-f32.gguf", load_base(run), tokenizer, texts, prompts, 8, 2e-2)
+        verify_gguf(bundle / "gguf" / "model-f32.gguf", base, tokenizer, expected, 2e-2)
 
 
 def test_bad_requests_are_refused_before_any_file_is_written(smoke_release, tmp_path):

@@ -83,16 +83,6 @@ def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
     return model
 
 
-def quantized_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weights bitsandbytes would hold in 4 bits: every linear layer's (GPT-2's Conv1D too) but the output
-    layer's and the adapters' own."""
-    from transformers.pytorch_utils import Conv1D
-
-    return [module.weight for name, module in model.named_modules()
-            if isinstance(module, (Conv1D, torch.nn.Linear)) and "lora_" not in name
-            and name.rsplit(".", 1)[-1] not in modeling.QUANTIZED_SKIP]
-
-
 def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision | None = None,
              budget_gb: float | None = None) -> Plan:
     """The memory plan of training `cfg` on `device` ("cuda"/"cpu"; default: where it would run)."""
@@ -114,10 +104,11 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
     frozen_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params if not p.requires_grad})
 
     weights = tensor_bytes(params) + tensor_bytes(model.buffers())
-    quantized = quantized_weights(model) if cfg.peft.quantization else []
+    quantized = [layer.weight for _, layer in modeling.quantizable_layers(model)] if cfg.peft.quantization else []
     if quantized:  # QLoRA: these are 4-bit on the card, dequantised one at a time while they compute
         weights -= sum(w.numel() * w.element_size() for w in quantized)
-        weights += sum(quantized_4bit_bytes(w.numel(), cfg.peft.double_quant) for w in quantized)
+        weights += sum(quantized_4bit_bytes(w.numel(), cfg.peft.double_quant, modeling.BNB_BLOCKSIZE)
+                       for w in quantized)
     dequantized = max((w.numel() for w in quantized), default=0) * modeling.base_dtype(precision,
                                                                                          cfg.peft.method).itemsize
     grads = 4 * sum(p.numel() for p in trainable)

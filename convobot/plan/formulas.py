@@ -209,7 +209,7 @@ def eval_logits_bytes(arch: Architecture, tokens: int, dtype: torch.dtype) -> in
     return hidden + min(tokens, HEAD_CHUNK) * arch.vocab * (dtype.itemsize + 4 + 4)
 
 
-def quantized_4bit_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
+def quantized_4bit_bytes(numel: int, double_quant: bool, blocksize: int) -> int:
     """A weight in bitsandbytes' 4-bit format: two values per byte, plus one absmax per block of `blocksize` values:
     fp32, or with double quantisation 8-bit with one fp32 scale per 256 of them (QLoRA's ~0.127 bits per value)."""
     blocks = math.ceil(numel / blocksize)
