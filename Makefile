@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast pretrain bench gpu-carry clean
+.PHONY: install demo test test-fast lint docs pretrain bench gpu-carry clean
 
 # torch==2.13.0 goes in first and alone: with it installed, the pinned stack resolves without
 # pip ever reaching for a (multi-GB) CUDA build of a newer torch.
@@ -30,20 +30,31 @@ DEMO_RUN := outputs/demo
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
-	$(OFFLINE) $(BIN)/convobot-train hydra.run.dir=$(DEMO_RUN)
-	$(OFFLINE) $(BIN)/convobot-merge run_dir=$(DEMO_RUN) output_dir=$(DEMO_RUN)/release overwrite=true
-	$(OFFLINE) $(BIN)/convobot-chat model=$(DEMO_RUN)/release prompt="How many words are in the input?" \
+	$(OFFLINE) $(BIN)/convobot train hydra.run.dir=$(DEMO_RUN)
+	$(OFFLINE) $(BIN)/convobot merge run_dir=$(DEMO_RUN) output_dir=$(DEMO_RUN)/release overwrite=true
+	$(OFFLINE) $(BIN)/convobot chat model=$(DEMO_RUN)/release prompt="How many words are in the input?" \
 		input="apple bird cat" generation.temperature=0 generation.max_new_tokens=32
 
+# Two workers, one per core, each computing on one thread: tests spend much of their time starting Python and
+# importing torch, which one core does as fast as two.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
 test: $(STAMP) $(GGUF_STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP) $(GGUF_STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
+
+# pyflakes and import order over the code, tests and benchmarks (also a test).
+lint: $(STAMP)
+	$(BIN)/ruff check convobot tests benchmarks
+
+# Copy benchmarks/results/*.md into the docs' results blocks (a test checks they match).
+docs: $(STAMP)
+	$(BIN)/python benchmarks/results_in_docs.py
 
 # Rebuild the embedded default's pretrained base (convobot/assets/pretrained/, ~7 min on 2 CPU cores).
 pretrain: $(STAMP)
-	$(BIN)/python -m convobot.pretrain
+	$(BIN)/python -m convobot.training.pretrain
 
 # Trained tokens/s of GPT-2 small: the reference setup vs convobot, side by side in one process
 # (~6.5 min on 2 CPU cores; writes benchmarks/results/train_throughput_cpu_<date>.{md,json}).

@@ -269,7 +269,7 @@ class StepClock(TrainerCallback):
 class Setup:
     device: torch.device
     tokenizer: object
-    dataset: object  # convobot.data.InstructionData: every configuration trains on its train rows
+    dataset: object  # convobot.data.examples.InstructionData: every configuration trains on its train rows
     workdir: Path
 
 
@@ -292,7 +292,7 @@ def build_reference(setup: Setup, settings: Settings):
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from convobot import modeling
+    from convobot.model.base import load_base_model
 
     cfg = compose_config(setup, settings, ["peft=full", "model.dropout=null"])
     tokenizer = setup.tokenizer
@@ -307,7 +307,7 @@ def build_reference(setup: Setup, settings: Settings):
         include_num_input_tokens_seen="non_padding",
         save_strategy="no", logging_steps=cfg.train.logging_steps, report_to="none", disable_tqdm=True,
         dataloader_pin_memory=fp16, seed=cfg.seed)
-    model = modeling.load_base_model(cfg.model, tokenizer)
+    model = load_base_model(cfg.model, tokenizer)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     return trainer, (f"HF Trainer, full fine-tune, batch {settings.batch_size} padded rows, GPT-2 dropout "
@@ -316,9 +316,9 @@ def build_reference(setup: Setup, settings: Settings):
 
 
 def build_convobot(setup: Setup, settings: Settings, name: str):
-    """convobot.train.build_trainer (model, dropout, LoRA, optimizer, SFTTrainer, loss head) for the config."""
+    """convobot.training.recipe.build_trainer (model, dropout, LoRA, optimizer, SFTTrainer, loss head) for the config."""
     from convobot.config import PeftMethod
-    from convobot.train import build_trainer, resolve_precision
+    from convobot.training.recipe import build_trainer, resolve_precision
 
     cfg = compose_config(setup, settings, FAST_PATH + CONVOBOT_CONFIGS[name])
     precision = resolve_precision(cfg, setup.device)
@@ -336,18 +336,19 @@ def build_convobot(setup: Setup, settings: Settings, name: str):
 
 
 def prepare(settings: Settings, workdir: Path) -> Setup:
-    """The rows and the real GPT-2 tokenizer, through convobot.data (the same split for every configuration)."""
+    """The rows and the real GPT-2 tokenizer, through convobot.data.examples (the same split for every configuration)."""
     from transformers import GPT2TokenizerFast
 
-    from convobot import data, modeling
+    from convobot.data.examples import prepare
+    from convobot.model.tokenizer import load_tokenizer
 
     # The shared folder holds only vocab.json + merges.txt; saving gives the tokenizer.json that
-    # convobot.modeling.load_tokenizer (AutoTokenizer) reads.
+    # convobot.model.tokenizer.load_tokenizer (AutoTokenizer) reads.
     GPT2TokenizerFast.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(str(workdir / "tokenizer"))
     setup = Setup(torch.device(settings.device), None, None, workdir)
     cfg = compose_config(setup, settings, [])
-    setup.tokenizer = modeling.load_tokenizer(cfg.model.tokenizer)
-    setup.dataset = data.prepare(cfg.data, setup.tokenizer)
+    setup.tokenizer = load_tokenizer(cfg.model.tokenizer)
+    setup.dataset = prepare(cfg.data, setup.tokenizer)
     return setup
 
 
@@ -379,7 +380,7 @@ def prepare_process(device: str, threads: int | None) -> None:
     import datasets
     from transformers.utils import logging as hf_logging
 
-    from convobot import cpu_memory
+    from convobot.model import cpu_memory
 
     if device == "cpu":
         cpu_memory.keep_freed_memory()
@@ -413,7 +414,7 @@ def vector_isa() -> list[str]:
 
 
 def machine(device: str) -> dict:
-    from convobot.metrics import versions
+    from convobot.scoring.measure import versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \

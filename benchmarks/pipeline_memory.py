@@ -43,15 +43,15 @@ HELD_OUT = 50
 def commands(work: Path, model: Path, rows: Path, tag: str) -> dict[str, list[str]]:
     run, release = work / f"run_{tag}", work / f"release_{tag}"
     return {
-        "train": ["convobot.train", "experiment=lora_4gb", "hardware=cpu", f"model.name={model}",
+        "train": ["convobot.training.recipe", "experiment=lora_4gb", "hardware=cpu", f"model.name={model}",
                   f"model.tokenizer={model}", "data=local", f"data.path={rows}", "train.max_steps=4",
                   "hardware.batch_size=2", f"data.eval_size={HELD_OUT}", f"hydra.run.dir={run}"],
-        "merge": ["convobot.merge", f"run_dir={run}", f"output_dir={release}"],
-        "eval": ["convobot.evaluate", f"model={release}"],
-        "export": ["convobot.export", f"model={release}"],
-        "chat": ["convobot.chat", f"model={release}", "prompt=Give three tips for staying healthy.",
+        "merge": ["convobot.release.merge", f"run_dir={run}", f"output_dir={release}"],
+        "eval": ["convobot.scoring.evaluate", f"model={release}"],
+        "export": ["convobot.release.onnx_export", f"model={release}"],
+        "chat": ["convobot.serving.chat", f"model={release}", "prompt=Give three tips for staying healthy.",
                  "generation.temperature=0", "generation.max_new_tokens=32"],
-        "gguf": ["convobot.gguf", f"model={release}", "types=[f32,f16,q8_0]"],
+        "gguf": ["convobot.release.gguf", f"model={release}", "types=[f32,f16,q8_0]"],
     }
 
 

@@ -6,7 +6,7 @@
 
 GPT-2 small is built from GPT2Config() with random weights (memory does not depend on their values,
 so nothing is downloaded), saved as safetensors next to the bundled tokenizer, and trained for a few
-steps by convobot.train.run on rows long enough that every batch is padded to data.max_length, the
+steps by convobot.training.recipe.run on rows long enough that every batch is padded to data.max_length, the
 planner's worst case. For each method it prints estimate / measured for:
   weights, gradients, optimizer states   distinct tensor storages after the first optimizer step
   training peak                          torch.cuda.max_memory_allocated over the training steps,
@@ -32,7 +32,7 @@ MiB = 2**20
 
 
 def long_rows(count: int, words: int, seed: int = 0) -> list[dict]:
-    from convobot.tasks import WORDS
+    from convobot.data.tasks import WORDS
 
     rng = random.Random(seed)
     return [{"instruction": "Continue the list of words.", "input": "",
@@ -43,18 +43,18 @@ def save_random_gpt2(folder: Path) -> None:
     """GPT-2 small's architecture (GPT2Config() is the hub config), random init, safetensors."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from convobot.modeling import load_tokenizer
+    from convobot.model.tokenizer import load_tokenizer
 
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder, safe_serialization=True)
     load_tokenizer("bundled").save_pretrained(folder)
 
 
 def measure(cfg, run_dir: Path) -> dict:
-    """Train `cfg` through convobot.train.run, reading memory at the moments the plan models."""
+    """Train `cfg` through convobot.training.recipe.run, reading memory at the moments the plan models."""
     from transformers import TrainerCallback
 
-    from convobot import train
     from convobot.plan.formulas import storage_bytes
+    from convobot.training import recipe as train
 
     measured: dict = {}
 

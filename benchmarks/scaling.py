@@ -161,7 +161,7 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    from convobot import cpu_memory
+    from convobot.model import cpu_memory
 
     cpu_memory.restart_with_one_arena()  # every configuration trains in a thread: see convobot/cpu_memory.py
     main()

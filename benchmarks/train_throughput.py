@@ -6,13 +6,13 @@ Examples:
     python benchmarks/train_throughput.py --device cuda          # GPU variant: fp16, 8-bit AdamW, rtx3050_4gb
     python benchmarks/train_throughput.py --configs reference,lora,lora_chunked_head,lora_dropout --no-save
 
-Everything runs in ONE process on the same rows (../shared/data/alpaca_gpt4 through convobot.data, the real
+Everything runs in ONE process on the same rows (../shared/data/alpaca_gpt4 through convobot.data.examples, the real
 GPT-2 tokenizer from ../shared/data/gpt2-tokenizer) and the real GPT-2 small architecture (GPT2Config() sizes,
 124M parameters, random init, so nothing is downloaded):
   reference   the reference run: transformers' Trainer with its defaults, full fine-tune, batch 2, rows tokenized
               by a plain tokenizer and padded by DataCollatorForLanguageModeling, GPT-2's dropout, the loss on
               the whole text, AdamW (fused) (fp16 mixed precision on CUDA)
-  lora, full  convobot.train.build_trainer with the default config for the hardware profile (cpu, or
+  lora, full  convobot.training.recipe.build_trainer with the default config for the hardware profile (cpu, or
               rtx3050_4gb on CUDA) plus packed rows (train.packing=true): no dropout, SDPA, response-only loss,
               the cpu profile's plain loss head on labelled tokens (rtx3050_4gb: TRL's chunked head),
               optim=auto (CPU: fused AdamW; CUDA: 8-bit AdamW), row-by-row attention over the packed rows;
@@ -41,9 +41,24 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from harness import (ALPACA_3_EPOCH_TOKENS, CONVOBOT_CONFIGS, DEFAULT_CONFIGS, MiB, REFERENCE, RESULTS_DIR,
-                     Measurement, Settings, Setup, add_common_arguments, machine, measure, missing_inputs, prepare,
-                     prepare_process, save_report)
+from harness import (
+    ALPACA_3_EPOCH_TOKENS,
+    CONVOBOT_CONFIGS,
+    DEFAULT_CONFIGS,
+    REFERENCE,
+    RESULTS_DIR,
+    Measurement,
+    MiB,
+    Settings,
+    Setup,
+    add_common_arguments,
+    machine,
+    measure,
+    missing_inputs,
+    prepare,
+    prepare_process,
+    save_report,
+)
 
 
 def tabulate(results: list[Measurement], setup: Setup, args, info: dict, started: datetime) -> dict:
@@ -170,7 +185,7 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    from convobot import cpu_memory
+    from convobot.model import cpu_memory
 
     cpu_memory.restart_with_one_arena()  # every configuration trains in a thread: see convobot/cpu_memory.py
     main()

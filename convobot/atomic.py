@@ -126,3 +126,26 @@ def directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def files_into(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside the folder `path`; on success each file in it replaces (or joins) the file of the
+    same name in `path`, one atomic rename each, and files already in `path` stay; on error nothing changes. A new
+    `path` is written whole, as `directory` writes it."""
+    path = Path(path)
+    if not path.is_dir():
+        with directory(path) as tmp:
+            yield tmp
+        return
+    with saving(path, "folder"):
+        remove_stale(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
+    try:
+        with saving(path, "folder"):
+            yield tmp
+            _readable_by_all(tmp)
+            for item in sorted(tmp.iterdir()):
+                os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier first: with two workers taking tests in order, the long ones start early instead of leaving one
+    worker busy at the end while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +50,7 @@ SMOKE = ["experiment=smoke", "report.before=false", "report.exact_match_rows=0",
 def train_smoke():
     """Train a few smoke steps into a run dir (with the config.yaml convobot-train writes) and return it."""
     from convobot.config import compose, validate
-    from convobot.train import run
+    from convobot.training.recipe import run
 
     def _train(run_dir: Path, *overrides: str) -> Path:
         run(validate(compose(SMOKE + list(overrides))), run_dir)
@@ -54,13 +61,13 @@ def train_smoke():
 
 @pytest.fixture(scope="session")
 def quiet_merge():
-    """convobot.merge.merge with its options as keywords, printing nothing."""
+    """convobot.release.merge.merge with its options as keywords, printing nothing."""
     import io
 
     from rich.console import Console
 
     from convobot.config import MergeConfig
-    from convobot.merge import merge
+    from convobot.release.merge import merge
 
     return lambda **options: merge(MergeConfig(**options), console=Console(file=io.StringIO()))
 
@@ -74,6 +81,24 @@ def smoke_release(tmp_path_factory, train_smoke, quiet_merge) -> SimpleNamespace
     release = root / "release" / "bundle"
     report = quiet_merge(run_dir=str(run_dir), output_dir=str(release))
     return SimpleNamespace(run_dir=run_dir, release=release, report=report)
+
+
+@pytest.fixture(scope="session")
+def smoke_gguf(smoke_release, tmp_path_factory) -> SimpleNamespace:
+    """A copy of the smoke bundle with its f32, f16 and q8_0 GGUFs, exported and checked by llama.cpp (~15 s); tests
+    that use it are in the xdist group "gguf", so one worker makes it."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    from convobot.config import GGUFConfig
+    from convobot.release.gguf import export_gguf
+
+    bundle = shutil.copytree(smoke_release.release, tmp_path_factory.mktemp("gguf") / "bundle")
+    result = export_gguf(GGUFConfig(model=str(bundle), types=["f32", "f16", "q8_0"]),
+                         console=Console(file=io.StringIO()))
+    return SimpleNamespace(bundle=bundle, result=result)
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +120,26 @@ def tampered_bundle(smoke_release, tmp_path) -> Path:
     data[-100] ^= 0x01
     weights.write_bytes(bytes(data))
     return copy
+
+
+@pytest.fixture
+def convobot_command(capsys):
+    """`convobot <args>` in this process (no interpreter start-up: seconds less per call): returns the exit status,
+    stdout and stderr as a console script would give them. The logging Hydra sets up for a job is undone."""
+    from convobot.__main__ import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        root = logging.getLogger()
+        handlers, level, message = root.handlers[:], root.level, ""
+        try:
+            status = main(list(args))
+        except SystemExit as exit:  # a command's one-line error is the exit's message, as Python prints it
+            status, message = (exit.code, "") if isinstance(exit.code, int) or exit.code is None else (1, exit.code)
+        finally:
+            for handler in root.handlers[len(handlers):]:
+                handler.close()
+            root.handlers[:], _ = handlers, root.setLevel(level)
+        captured = capsys.readouterr()
+        return status or 0, captured.out, captured.err + (f"{message}\n" if message else "")
+
+    return run

@@ -1,5 +1,5 @@
 """The wheel is a working install: built from the sources, installed without the repo (no editable install, no
-conf/ beside it), its console scripts train and plan from an empty folder."""
+conf/ beside it), its front door trains and its console scripts plan from an empty folder."""
 
 import os
 import shutil
@@ -60,7 +60,7 @@ def test_installed_wheel_trains_and_plans_from_an_empty_folder(wheel, tmp_path):
 
     where = run(str(python), "-c", "import convobot.config as c; print(c.__file__, c.CONF_DIR)").stdout.split()
     assert all(Path(path).is_relative_to(venv) for path in where), where
-    run(str(venv / "bin" / "convobot-train"), "experiment=smoke", "train.max_steps=2", "report.before=false",
+    run(str(venv / "bin" / "convobot"), "train", "experiment=smoke", "train.max_steps=2", "report.before=false",
         "report.samples=0", "report.exact_match_rows=0", "hydra.run.dir=run")
     assert (empty / "run" / "adapter" / "adapter_model.safetensors").is_file()
     planned = run(str(venv / "bin" / "convobot-plan"), "experiment=seed_repro", "hardware=rtx3050_4gb")

@@ -1,20 +1,20 @@
 """Will it fit? Peak GPU memory of a training run, estimated from its composed config.
 
     formulas.py   bytes of each part (weights, gradients, optimizer states, activations, loss head, eval logits)
-    estimator.py  the model convobot-train would build, on the meta device, and the plan: parts and peak moments
-    advice.py     what to change when a plan does not fit, and the check convobot-train runs before a CUDA run
-    cli.py        convobot-plan
+    estimator.py  the model convobot train would build, on the meta device, and the plan: parts and peak moments
+    advice.py     what to change when a plan does not fit, and the check convobot train runs before a CUDA run
+    cli.py        convobot plan
 
 Examples:
-    convobot-plan experiment=seed_repro hardware=rtx3050_4gb       # the reference run on a 4 GB card
-    convobot-plan experiment=lora_4gb peft.r=64 hardware.batch_size=8
-    convobot-plan experiment=seed_repro hardware.gradient_checkpointing=false
-    convobot-plan -m experiment=seed_repro hardware=rtx3050_4gb,rtx4090_24gb peft=lora,full
+    convobot plan experiment=seed_repro hardware=rtx3050_4gb       # the reference run on a 4 GB card
+    convobot plan experiment=lora_4gb peft.r=64 hardware.batch_size=8
+    convobot plan experiment=seed_repro hardware.gradient_checkpointing=false
+    convobot plan -m experiment=seed_repro hardware=rtx3050_4gb,rtx4090_24gb peft=lora,full
 
-`convobot-train` runs the same check before every CUDA run and refuses a plan over `hardware.vram_gb`
+`convobot train` runs the same check before every CUDA run and refuses a plan over `hardware.vram_gb`
 (the visible card's memory when that is null); `hardware.allow_over_budget=true` trains anyway.
 
-The model is built exactly as `convobot.train` builds it, but on PyTorch's meta device: every tensor
+The model is built exactly as `convobot.training.recipe` builds it, but on PyTorch's meta device: every tensor
 has its real shape and dtype and nothing is allocated or downloaded. From it:
   weights      frozen parameters in the base dtype, trainable ones in fp32 (mixed-precision masters)
   gradients    trainable parameters only, fp32

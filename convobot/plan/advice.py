@@ -1,5 +1,5 @@
 """Advice for a plan over budget (which change shrinks the dominant part, and a set that fits), and the check
-convobot-train runs before every CUDA run."""
+convobot train runs before every CUDA run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 from convobot.config import LossHead, PeftMethod, Precision, TrainConfig
 from convobot.errors import PlanError
-from convobot.optim import optimizer_name
+from convobot.model.optim import optimizer_name
 from convobot.plan.estimator import Plan, estimate
 from convobot.plan.formulas import OPTIMIZERS, GiB
 

@@ -1,7 +1,7 @@
-"""convobot-plan: the plan of a training config as a table, its verdict, and what to change if it does not fit.
+"""convobot plan: the plan of a training config as a table, its verdict, and what to change if it does not fit.
 
-    convobot-plan experiment=seed_repro hardware=rtx3050_4gb
-    convobot-plan -m experiment=seed_repro hardware=rtx3050_4gb,rtx4090_24gb peft=lora,full
+    convobot plan experiment=seed_repro hardware=rtx3050_4gb
+    convobot plan -m experiment=seed_repro hardware=rtx3050_4gb,rtx4090_24gb peft=lora,full
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from convobot import atomic
-from convobot.cli import one_line_errors
+from convobot.cli import one_line_errors, quiet_libraries
 from convobot.config import CONF_DIR, validate
 from convobot.plan.advice import refusal
 from convobot.plan.estimator import Plan, estimate
@@ -53,9 +53,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="plan", version_base="1.3")
 def main(raw: DictConfig) -> float:
-    """`convobot-plan [train overrides]`: print the plan; exit status 1 if it does not fit.
+    """`convobot plan [train overrides]`: print the plan; exit status 1 if it does not fit.
     With -m, each combination's plan.json goes to its job dir and nothing stops the sweep."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    quiet_libraries()
     with one_line_errors("convobot-plan", reraise=multirun):
         cfg = validate(raw)
         plan = estimate(cfg)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from convobot.config import LossHead, PeftMethod, TrainConfig
+from convobot.model.base import context_length
 
 GiB = 2**30
 # Not in torch.cuda.max_memory_allocated but on the card: the CUDA context (kernels, cuBLAS handles),
@@ -23,7 +24,7 @@ TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 # Peak fp32 tile-sized temporaries of its plain-torch path (no Triton: CPU, or CUDA without triton),
 # measured with torch.profiler on CPU in the backward of trl.kernels.chunked_logprob (tests/test_plan.py).
 TRL_TORCH_TILE_TEMPS = 7.25
-# Peak fp32 (labelled tokens x vocab) tensors of convobot.loss_head's plain head in forward + backward, measured
+# Peak fp32 (labelled tokens x vocab) tensors of convobot.model.loss_head's plain head in forward + backward, measured
 # the same way (tests/test_plan.py).
 PLAIN_HEAD_TEMPS = 4
 # transformers `optim` names -> (state bits, paged, a second fp32 copy of the parameters during the step).
@@ -64,7 +65,7 @@ class Architecture:
             inner=getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None)
             or 4 * config.hidden_size,
             vocab=config.vocab_size,
-            positions=getattr(config, "n_positions", None) or config.max_position_embeddings,
+            positions=context_length(config),
             attn_dropout=getattr(config, "attn_pdrop", 0.0),
             resid_dropout=getattr(config, "resid_pdrop", 0.0),
             embd_dropout=getattr(config, "embd_pdrop", 0.0),
@@ -201,9 +202,9 @@ def triton_head(device: str) -> bool:
 
 
 def eval_logits_bytes(arch: Architecture, tokens: int, dtype: torch.dtype) -> int:
-    """convobot.scoring.nll_sums on a batch of `tokens` padded tokens: the last hidden states and their copy at
+    """convobot.scoring.perplexity.nll_sums on a batch of `tokens` padded tokens: the last hidden states and their copy at
     the scored positions, and one HEAD_CHUNK of logits with its fp32 copy and cross-entropy's fp32 log-softmax."""
-    from convobot.scoring import HEAD_CHUNK
+    from convobot.scoring.perplexity import HEAD_CHUNK
 
     hidden = 2 * tokens * arch.hidden * dtype.itemsize
     return hidden + min(tokens, HEAD_CHUNK) * arch.vocab * (dtype.itemsize + 4 + 4)

@@ -1,0 +1,8 @@
+"""Data: instruction rows in, examples out.
+
+    load.py            rows from the hub, a local .json/.jsonl/.csv/.parquet file or the bundled tasks, validated
+                       by file, row and field; the seeded held-out split
+    conversations.py   OpenAI `messages` and ShareGPT `conversations` rows, checked turn by turn, in one shape
+    tasks.py           the bundled offline tasks (checkable answers) and exact match
+    examples.py        rows -> prompt/completion pairs or conversations, cut to the context; `prepare` does it all
+"""
