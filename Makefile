@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint docs pretrain bench gpu-carry clean
+.PHONY: install demo test test-fast lint docs pretrain bench bench-serve gpu-carry clean
 
 # torch==2.13.0 goes in first and alone: with it installed, the pinned stack resolves without
 # pip ever reaching for a (multi-GB) CUDA build of a newer torch.
@@ -60,6 +60,13 @@ pretrain: $(STAMP)
 # (~6.5 min on 2 CPU cores; writes benchmarks/results/train_throughput_cpu_<date>.{md,json}).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+
+# Serving tokens/s and latency at GPT-2 small shape, 1 and 8 clients: convobot serve (each backend) against
+# llama-cpp-python's own server on the same GGUF (~15 min on 2 CPU cores; writes
+# benchmarks/results/serve_throughput_cpu_<date>.{md,json}).
+bench-serve: $(GGUF_STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/serve_throughput.py
 
 # What benchmarks/gpu_check.sh needs on an offline GPU machine whose Python (3.12) has torch but not the rest of
 # the stack: the pinned wheels and the ../shared inputs, in the git-ignored .gpu/.

@@ -1,6 +1,7 @@
 """Serving throughput at GPT-2 small shape: convobot serve (each backend) against llama-cpp-python's own server on
 the same weights, one server at a time on this machine, spoken to with the official openai client.
 
+    make bench-serve                                      # installs llama-cpp-python's server, then the line below
     python benchmarks/serve_throughput.py                 # ~15 min on 2 CPU cores
     python benchmarks/serve_throughput.py --device cuda   # convobot's PyTorch backend on a GPU (no llama.cpp)
 
@@ -81,6 +82,12 @@ def prompts(count: int) -> list[str]:
     rows = [json.loads(line) for line in (SHARED / "alpaca_gpt4" / "eval_sample.jsonl").read_text().splitlines()]
     return [row["instruction"] + (f"\n\n### Input:\n{row['input']}" if row.get("input") else "")
             for row in rows[:count]]
+
+
+# llama-cpp-python's server, with the model parameters convobot's llama.cpp backend uses (where llama.cpp has AMX,
+# its q8_0 kernels crash without them).
+LLAMA_SERVER = [sys.executable, "-c", "import runpy; from convobot.release.gguf import llama_class\n"
+                "with llama_class(): runpy.run_module('llama_cpp.server', run_name='__main__')"]
 
 
 def free_port() -> int:
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
     if cpu:
         for kind in ("f32", "q8_0"):
             setups.append((f"llama.cpp server, {kind} GGUF", "llama", [
-                sys.executable, "-m", "llama_cpp.server", "--model", str(bundle / "gguf" / f"model-{kind}.gguf"),
+                *LLAMA_SERVER, "--model", str(bundle / "gguf" / f"model-{kind}.gguf"),
                 "--n_threads", threads, "--n_ctx", "1024", "--model_alias", "bot"], ["bot"]))
         for kind in ("f16", "q8_0"):
             setups.append((f"convobot serve, llama.cpp backend, {kind}", "convobot", convobot + [

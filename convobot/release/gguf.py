@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,34 @@ def require_gguf_extra() -> None:
 
 
 # ----------------------------------------------------------------------------- the converter
+
+def llama_model_params():
+    """llama.cpp's default model parameters, less its extra weight buffers where llama.cpp was built with AMX: the
+    AMX kernels, which it picks for q8_0 weights, crash in llama_decode (llama-cpp-python 0.3.36 on a Xeon with
+    AMX, tiny and GPT-2 small shapes alike). f32 and f16 weights never use them."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        params.use_extra_bufts = False
+    return params
+
+
+@contextmanager
+def llama_class():
+    """llama_cpp.Llama, which takes no model parameters of its own, building its model with llama_model_params()
+    (it reads llama.cpp's defaults from its own module at load time)."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    bindings = llama_cpp.llama.llama_cpp
+    default = bindings.llama_model_default_params
+    bindings.llama_model_default_params = llama_model_params
+    try:
+        yield llama_cpp.Llama
+    finally:
+        bindings.llama_model_default_params = default
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convobot"
@@ -212,8 +241,9 @@ def verify_gguf(path: Path, model, tokenizer, expected: Reference, tolerance: fl
 
     context = context_length(model.config)
     # An f32 KV cache (llama.cpp's default is f16): the check is of the file's weights, not of the cache's precision.
-    llm = llama_cpp.Llama(str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count(),
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    with llama_class() as Llama:
+        llm = Llama(str(path), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count(),
+                    type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         eos = tokenizer.eos_token_id
         if llm.token_eos() != eos:

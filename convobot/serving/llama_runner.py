@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from convobot.release.gguf import llama_model_params
+
 
 class Prefill:
     """A prompt on its way into the sequence of the row it was given."""
@@ -39,8 +41,7 @@ class LlamaRunner:
 
         self.llama_cpp, self.context, self.slots = llama_cpp, context, slots
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        self.model = _internals.LlamaModel(path_model=str(gguf), params=model_params, verbose=False)
+        self.model = _internals.LlamaModel(path_model=str(gguf), params=llama_model_params(), verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = context * slots
         params.n_batch = params.n_ubatch = max(batch_tokens, slots)
