@@ -107,12 +107,18 @@ class Engine:
     # ----------------------------------------------------------------- called from the server's threads
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFull if it cannot start now and `max_queued` requests are waiting already."""
+        """Queue a request; QueueFull if no row is free for it and `max_queued` requests wait for rows already."""
         with self.wake:
-            taken = sum(r.n for r, _ in self.prefilling) + sum(r.n for r in self.waiting)
-            if request.n > self.runner.free - taken and len(self.waiting) >= self.max_queued:
-                raise QueueFull(f"every row of {self.name} is busy and {len(self.waiting)} requests are waiting "
-                                "(max_queued)")
+            # Requests just submitted sit in `waiting` until the loop's next step, rows free or not: count as queued
+            # only those the free rows cannot take.
+            rows, queued = self.runner.free - sum(r.n for r, _ in self.prefilling), 0
+            for waiting in self.waiting:
+                if waiting.n <= rows:
+                    rows -= waiting.n
+                else:
+                    queued += 1
+            if request.n > rows and queued >= self.max_queued:
+                raise QueueFull(f"every row of {self.name} is busy and {queued} requests are waiting (max_queued)")
             self.waiting.append(request)
             self.wake.notify()
 

@@ -172,8 +172,10 @@ def test_cancelled_requests_give_their_rows_back(engine, bundle_model):
 def test_the_queue_is_bounded(bundle_model):
     model, tokenizer = bundle_model
     engine = Engine(TorchRunner(model, slots=1, adapters=False), tokenizer, "smoke", max_queued=1)
-    engine.submit(Request([1, 2], SamplingParams(max_tokens=1), Collected(), BASE))  # not started: nothing runs
-    with pytest.raises(QueueFull):
+    # Not started, so nothing runs: the first request has the free row, the second waits, the third is refused.
+    for _ in range(2):
+        engine.submit(Request([1, 2], SamplingParams(max_tokens=1), Collected(), BASE))
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
         engine.submit(Request([1, 2], SamplingParams(max_tokens=1), Collected(), BASE))
 
 
