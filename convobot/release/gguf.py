@@ -191,7 +191,7 @@ def reference(model, tokenizer, examples, rows: int, steps: int) -> Reference:
     for row in encoded:
         where = row["scored_from"]["response"]
         first = where if isinstance(where, int) else (where[-1][0] if where else len(row["input_ids"]))
-        prompts.append(row["input_ids"][:first])
+        prompts.append(row["input_ids"][:first][-(context - steps):])  # room for the greedy steps
     greedy = [greedy_torch(model, prompt, steps, tokenizer.eos_token_id) for prompt in prompts]
     return Reference(texts, ids, logits, prompts, greedy, steps)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from convobot.errors import PromptTooLongError
+from convobot.errors import ConfigError, PromptTooLongError
+from convobot.model.base import context_length
 from convobot.template import prompt_of, render_prompt
 
 
@@ -24,26 +25,54 @@ def generation_config(tokenizer, max_new_tokens: int = 64, **sampling) -> Genera
     )
 
 
+class Answers(list):
+    """Answers in the rows' order, and how many prompts were cut to leave room for them in the context."""
+
+    def __init__(self, texts=(), cut: int = 0):
+        super().__init__(texts)
+        self.cut = cut
+
+
+def fitted_prompt(row: dict, tokenizer, context: int, room: int) -> tuple[list[int], bool]:
+    """The ids of a row's prompt, cut to leave `room` tokens of the context for its answer, and whether it was cut: a
+    conversation loses its oldest exchanges first (as chat does), then any prompt keeps only its last tokens."""
+    if "messages" in row:
+        messages, dropped = fit_conversation(tokenizer, row["messages"][:-1], context, room)
+        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    else:
+        dropped, ids = 0, tokenizer(prompt_of(row, tokenizer), add_special_tokens=False)["input_ids"]
+    keep = context - room
+    return ids[-keep:], dropped > 0 or len(ids) > keep
+
+
 @torch.no_grad()
-def answer(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
-    """Greedy answers to rows (Alpaca, or conversations: to the last user turn), decoded without the prompt."""
+def answer(model, tokenizer, rows: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> Answers:
+    """Greedy answers to rows (Alpaca, or conversations: to the last user turn), decoded without the prompt. Prompts
+    too long for the context and the new tokens are cut from the left; rows go in batches of similar lengths."""
+    context = context_length(model.config)
+    if max_new_tokens >= context:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                          f"{context}-token context")
+    fitted = [fitted_prompt(row, tokenizer, context, max_new_tokens) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(fitted[i][0]))  # less padding, same answers
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
     device = next(model.parameters()).device
     config = generation_config(tokenizer, max_new_tokens)
-    answers = []
+    texts = [""] * len(rows)
     try:
         for start in range(0, len(rows), batch_size):
-            prompts = [prompt_of(row, tokenizer) for row in rows[start:start + batch_size]]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            indices = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [fitted[i][0] for i in indices]}, return_tensors="pt").to(device)
             output = model.generate(**batch, generation_config=config)
             new_tokens = output[:, batch["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                texts[i] = text
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return answers
+    return Answers(texts, cut=sum(cut for _, cut in fitted))
 
 
 def prompt_ids(tokenizer, prompt: str, context: int) -> list[int]:

@@ -55,7 +55,7 @@ from convobot.model.quantize import load_quantized_base
 from convobot.model.tokenizer import load_tokenizer
 from convobot.plan import check_fits
 from convobot.runs import rundir
-from convobot.scoring.generate import answer
+from convobot.scoring.generate import Answers, answer
 from convobot.scoring.measure import peak_memory_bytes, versions
 from convobot.scoring.perplexity import perplexities
 from convobot.template import answer_of
@@ -234,8 +234,8 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
         tracking.end(tracker, results, run_dir)
         samples = job.dataset.eval_rows[:job.cfg.report.samples]
         generations = answer(job.trainer.model, job.tokenizer, samples, job.cfg.report.max_new_tokens) \
-            if samples else []
-        print_results(results, run_dir, list(zip(samples, generations)))
+            if samples else Answers()
+        print_results(results, run_dir, list(zip(samples, generations)), cut=generations.cut)
     return results
 
 

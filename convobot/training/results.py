@@ -15,7 +15,10 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]], console: Console | None = None):
+def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]], cut: int = 0,
+                  console: Console | None = None):
+    """The held-out metrics before and after, the run's facts, and sample answers (`cut`: how many of their prompts
+    were cut to fit the context)."""
     console = console or Console()
     before = results.get("before") or {}
     table = Table(title=f"convobot · {results['experiment']} · {results['method']}", show_lines=False)
@@ -44,6 +47,9 @@ def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]],
     for row, generated in samples:
         console.print(f"[bold]>[/] {_asked(row)}\n  [green]model:[/] {generated.strip()!r}   "
                       f"[dim]expected: {answer_of(row)!r}[/]")
+    if cut:
+        console.print(f"[dim]{cut} of {len(samples)} sample prompts were cut from the left (oldest turns first) to "
+                      "leave room for the answer in the model's context[/]")
 
 
 def _asked(row: dict) -> str:
