@@ -226,7 +226,7 @@ class Registry:
         require_safetensors(source.path, "adapter_model.safetensors")
         model = PeftModel.from_pretrained(base.to(self.device), source.path, adapter_name="a0", is_trainable=False,
                                           use_safetensors=True).eval()
-        tokenizer = load_tokenizer(str(source.path))
+        tokenizer = load_tokenizer(tokenizer_folder(source))
         runner = TorchRunner(model, self.cfg.max_batch, adapters=not source.dora)
         group = Group(self._engine(runner, tokenizer, source.model_id if source.dora else base_id), tokenizer,
                       context_length(model.config), GenerationOptions(), "torch",
@@ -334,6 +334,14 @@ class Registry:
     def stop(self) -> None:
         for group in self.groups:
             group.engine.stop()
+
+
+def tokenizer_folder(source: Source) -> str:
+    """Where an adapter's tokenizer is: beside it (a run saves one), or, for a plain peft adapter saved without one,
+    with its base."""
+    if any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return str(source.path)
+    return source.base_ref or str(source.path)
 
 
 def base_model(source: Source):

@@ -185,6 +185,31 @@ def test_backend_llama_cpp_refuses_an_adapter(runs):
         Registry(ServeConfig(backend="llama_cpp")).load([str(runs["first"])])
 
 
+def test_a_peft_adapter_saved_without_a_tokenizer_is_served_with_its_bases(smoke_release, runs, tmp_path):
+    """A plain peft adapter folder (adapter_config.json naming its base, no tokenizer files) answers on that base,
+    with the base's tokenizer."""
+    import shutil
+
+    from convobot.config import ServeConfig
+    from convobot.model.tokenizer import load_tokenizer
+    from convobot.serving.models import Registry
+
+    folder = tmp_path / "plain-adapter"
+    folder.mkdir()
+    shutil.copy(runs["first"] / "adapter" / "adapter_model.safetensors", folder)
+    config = json.loads((runs["first"] / "adapter" / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path":
+                                                                     str(smoke_release.release)}))
+    registry = Registry(ServeConfig(backend="torch"))
+    registry.load([f"plain:{folder}"])
+    try:
+        served = registry.get("plain")
+        assert served.parent == smoke_release.release.name and "plain" in served.group.adapters
+        assert served.group.tokenizer.get_vocab() == load_tokenizer(str(smoke_release.release)).get_vocab()
+    finally:
+        registry.stop()
+
+
 def test_two_models_cannot_share_a_name(smoke_release, runs):
     from convobot.config import ServeConfig
     from convobot.errors import ConfigError
