@@ -105,12 +105,17 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def prompt_of(row: dict, tokenizer) -> str:
-    """The prompt a row's answer follows: the Alpaca prompt, or a conversation up to its last assistant turn."""
+    """The prompt a row's answer follows: the Alpaca prompt, or a conversation up to its last assistant turn. A row
+    may also be an example (format_example's prompt/completion pair)."""
     if "messages" in row:
         return render_prompt(tokenizer, row["messages"][:-1])
+    if "prompt" in row:
+        return row["prompt"]
     return format_prompt(row["instruction"], row.get("input", ""))
 
 
 def answer_of(row: dict) -> str:
-    """The reference answer of a row: its output, or a conversation's last assistant turn."""
-    return row["messages"][-1]["content"] if "messages" in row else row["output"]
+    """The reference answer of a row (or example): its output, or a conversation's last assistant turn."""
+    if "messages" in row:
+        return row["messages"][-1]["content"]
+    return row["completion"] if "completion" in row else row["output"]

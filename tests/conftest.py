@@ -2,10 +2,22 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+# absl (rouge-score logs through it) binds a handler to the sys.stderr it finds when first imported. Imported under
+# a test's output capture, that stream closes with the test and a later test's in-process command fails
+# on it; imported here, against the real stderr, it cannot.
+_captured, sys.stderr = sys.stderr, sys.__stderr__
+try:
+    import absl.logging  # noqa: F401
+except ImportError:
+    pass
+finally:
+    sys.stderr = _captured
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -30,8 +30,14 @@ def check_sweep_report(sweep: Path) -> None:
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [(r["run"], r["method"], r["status"]) for r in rows] == [("peft=lora", "lora", "finished"),
                                                                    ("peft=full", "full", "finished")]
-    assert (sweep / "summary.md").is_file()
     assert all((sweep / "plots" / f"{name}.png").stat().st_size > 10_000 for name in compare.PLOTS)
+    # report.generate_metrics=true: both jobs answered the same held-out prompts, side by side in the report.
+    predictions = [read_jsonl(sweep / job / "predictions.jsonl") for job in jobs]
+    assert len(predictions[0]) == len(predictions[1]) == 32
+    assert [r["prompt"] for r in predictions[0]] == [r["prompt"] for r in predictions[1]]
+    assert all(0 <= float(r["rougeL"]) <= 100 for r in rows)
+    assert "## Answers side by side" in (sweep / "summary.md").read_text()
+    assert (sweep / "answers.html").read_text().count("<tr>") == 33
 
 
 def check_mlflow_sweep(folder: Path, sweep: Path) -> None:
@@ -53,7 +59,9 @@ def check_mlflow_sweep(folder: Path, sweep: Path) -> None:
         assert child.data.tags["override.peft"] == child.data.params["peft.method"]
         logged = [row for row in read_jsonl(job / "metrics.jsonl") if "loss" in row]
         assert len(client.get_metric_history(child.info.run_id, "loss")) == len(logged) == 3  # steps 2, 4, 6
-        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"metrics.json", "config.yaml"}
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"metrics.json", "config.yaml",
+                                                                            "predictions.jsonl"}
+        assert child.data.metrics["answers.rougeL"] == pytest.approx(metrics["answers"]["rougeL"])
         assert child.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"summary.md", "plots"}
     # convobot compare reads the same runs back from the store: LoRA vs full, as from the sweep dir.
@@ -62,6 +70,7 @@ def check_mlflow_sweep(folder: Path, sweep: Path) -> None:
     assert sorted(r.label for r in from_store) == sorted(r.label for r in from_dirs) == ["peft=full", "peft=lora"]
     assert sorted(r.row()["eval_loss"] for r in from_store) == sorted(r.row()["eval_loss"] for r in from_dirs)
     assert sorted(len(r.curve) for r in from_store) == sorted(len(r.curve) for r in from_dirs) != [0, 0]
+    assert sorted(len(r.answers) for r in from_store) == sorted(len(r.answers) for r in from_dirs) == [32, 32]
 
 
 def check_optuna_sweep(sweep: Path) -> None:
@@ -113,4 +122,17 @@ def check_planner_page(folder: Path, outputs: list[str]) -> None:
     assert not list(folder.iterdir())  # plans run in place: no log file, no outputs/ folder
 
 
-CHECKS = {"sweeps.md": check_sweeps_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}
+def check_evaluation_page(folder: Path, outputs: list[str]) -> None:
+    """Base and adapter each answered the same 8 held-out rows; the report and the predictions files agree."""
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    for model in ("base", "adapter"):
+        generation = report["models"][model]["generation"]
+        records = read_jsonl(folder / "eval" / f"predictions-{model}.jsonl")
+        assert generation["rows"] == len(records) == 8 and generation["max_new_tokens"] == 16
+        assert generation["rougeL"] == pytest.approx(sum(r["rougeL"] for r in records) / 8)
+    heldout = read_jsonl(folder / "outputs" / "smoke-run" / "heldout.jsonl")[:8]
+    assert [r["reference"] for r in records] == [row["output"] for row in heldout]
+    assert '"reference"' in outputs[0] and "answers scored against the references" in outputs[0]
+
+
+CHECKS = {"sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}

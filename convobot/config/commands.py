@@ -89,9 +89,18 @@ class EvalConfig:
     output: Optional[str] = None
     # Check a bundle against its SHA256SUMS before loading it.
     verify_checksums: bool = True
+    # Also answer the rows (greedy) and score the answers against the references: BLEU, chrF, ROUGE, exact match.
+    generate: bool = False
+    max_new_tokens: int = 64
+    generate_batch_size: int = 16
+    # A folder for each model's answers, <model>.jsonl (prompt, reference, answer, the row's scores); null: beside
+    # `output`, when it is set.
+    predictions_dir: Optional[str] = None
 
     def checks(self) -> list[Check]:
         return (self.data.checks() if self.data is not None else []) + [
+            ("max_new_tokens", self.max_new_tokens > 0, "must be > 0"),
+            ("generate_batch_size", self.generate_batch_size > 0, "must be > 0"),
             ("max_rows", self.max_rows is None or self.max_rows > 0, "must be > 0, or null for all rows"),
             ("max_length", self.max_length is None or self.max_length > 1, "must be > 1, or null"),
             ("batch_tokens", self.batch_tokens > 0, "must be > 0"),

@@ -218,6 +218,10 @@ class ReportConfig:
     max_new_tokens: int = 32
     # Score the untrained model too, for the before/after table.
     before: bool = True
+    # Answer this many held-out rows (greedy, max_new_tokens) and score the answers against the references (BLEU,
+    # chrF, ROUGE, exact match: needs the eval extra); the answers go to the run dir's predictions.jsonl.
+    generate_metrics: bool = False
+    generate_rows: int = 32
 
 
 class Tracker(str, Enum):
@@ -280,5 +284,7 @@ class TrainConfig:
              "must be a multiple of train.eval_steps when train.keep_best=true"),
             ("resume", isinstance(self.resume, bool) or (isinstance(self.resume, str) and bool(self.resume.strip())),
              "must be true, false, auto, or a run dir / checkpoint path"),
+            ("report.max_new_tokens", self.report.max_new_tokens > 0, "must be > 0"),
+            ("report.generate_rows", self.report.generate_rows > 0, "must be > 0"),
         ]
 

@@ -6,7 +6,9 @@ Examples:
     convobot compare outputs/multirun/*/*_smoke --out reports/smoke --title "LoRA vs full, smoke"
 
 Writes <out>/report.md, <out>/summary.csv and <out>/plots/: loss_curves.png (LoRA vs full overlaid),
-perplexity_vs_params.png, peak_memory.png and throughput.png. Arguments are run dirs (holding
+perplexity_vs_params.png, peak_memory.png and throughput.png. Runs trained with report.generate_metrics=true add
+their answers' scores (BLEU, chrF, ROUGE-L) to the table, answers_vs_params.png, and the answers themselves side by
+side: the first held-out prompts in report.md, all of them in answers.html. Arguments are run dirs (holding
 metrics.json) or folders of them; a sweep's job that never finished is listed as incomplete.
 Run dirs are positional paths (not Hydra key=value): sweep job dirs have "=" in their names.
 `--mlflow URI` reads the runs back from an MLflow store instead (logger=mlflow), `--parent RUN_ID` one sweep's:
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import io
 import math
 import time
@@ -38,8 +41,10 @@ METHOD_STYLE = {"lora": ("tab:blue", "-", "o"), "full": ("tab:orange", "--", "s"
 COLUMNS = (
     "run", "overrides", "method", "trainable_params", "trainable_percent", "peak_memory_mib", "device",
     "tokens_per_second", "wall_seconds", "train_loss_final", "train_loss_mean", "eval_loss",
-    "eval_perplexity", "exact_match", "status", "path",
+    "eval_perplexity", "exact_match", "bleu", "chrf", "rougeL", "status", "path",
 )
+ANSWER_COLUMNS = ("bleu", "chrf", "rougeL")  # of the answers to held-out rows (report.generate_metrics)
+ANSWERS_IN_MARKDOWN = 5  # prompts shown side by side in report.md; answers.html has them all
 
 
 @dataclass
@@ -50,6 +55,7 @@ class ComparedRun:
     overrides: list[str]
     metrics: dict | None  # None: the job never wrote metrics.json (failed or still running)
     curve: list[dict] = field(default_factory=list)  # metrics.jsonl, one dict per logging step
+    answers: list[dict] = field(default_factory=list)  # predictions.jsonl: scored answers to held-out rows
     label: str = ""
 
     @property
@@ -80,6 +86,7 @@ class ComparedRun:
             "eval_loss": m.get("eval_loss"),
             "eval_perplexity": m.get("eval_perplexity"),
             "exact_match": m.get("exact_match"),
+            **{name: (m.get("answers") or {}).get(name) for name in ANSWER_COLUMNS},
             "status": "finished" if self.finished else "incomplete: no metrics.json",
             "path": str(self.path),
         }
@@ -109,7 +116,8 @@ def find_run_dirs(path: Path) -> list[Path]:
 
 
 def load_run(path: Path) -> ComparedRun:
-    return ComparedRun(Path(path), rundir.read_overrides(path), rundir.read_metrics(path), rundir.read_metrics_log(path))
+    return ComparedRun(Path(path), rundir.read_overrides(path), rundir.read_metrics(path), rundir.read_metrics_log(path),
+                       rundir.read_predictions(path))
 
 
 def load_runs(paths) -> list[ComparedRun]:
@@ -122,7 +130,7 @@ def load_runs(paths) -> list[ComparedRun]:
 
 def load_mlflow_runs(tracking_uri: str, experiment: str = "convobot", parent: str | None = None) -> list[ComparedRun]:
     """The runs convobot logged to an MLflow store (all of `experiment`, or the child runs of the sweep run
-    `parent`), from the metrics.json and metrics.jsonl each one logged as artifacts."""
+    `parent`), from the metrics.json, metrics.jsonl and predictions.jsonl each one logged as artifacts."""
     import json
     import tempfile
 
@@ -141,12 +149,12 @@ def load_mlflow_runs(tracking_uri: str, experiment: str = "convobot", parent: st
             names = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
             local = Path(tmp) / logged.info.run_id
             local.mkdir()
-            for name in {rundir.METRICS, rundir.METRICS_LOG} & names:
+            for name in {rundir.METRICS, rundir.METRICS_LOG, rundir.PREDICTIONS} & names:
                 client.download_artifacts(logged.info.run_id, name, str(local))
             metrics = json.loads((local / rundir.METRICS).read_text()) if (local / rundir.METRICS).is_file() else None
             runs.append(ComparedRun(Path(logged.data.tags["convobot.run_dir"]),
                                     logged.data.tags.get("overrides", "").split(), metrics,
-                                    rundir.read_metrics_log(local)))
+                                    rundir.read_metrics_log(local), rundir.read_predictions(local)))
     if not runs:
         raise CompareError(f"{tracking_uri}: no convobot runs in experiment {experiment!r}"
                            + (f" under parent run {parent}" if parent else ""))
@@ -175,7 +183,7 @@ def _cell(value, column: str) -> str:
     formats = {
         "trainable_params": "{:,}", "trainable_percent": "{:.2f}%", "peak_memory_mib": "{:,.0f}",
         "tokens_per_second": "{:,.0f}", "wall_seconds": "{:.1f}", "eval_perplexity": "{:.3f}",
-        "exact_match": "{:.1%}",
+        "exact_match": "{:.1%}", **{name: "{:.1f}" for name in ANSWER_COLUMNS},
     }
     if column in formats:
         return formats[column].format(value)
@@ -196,14 +204,83 @@ def markdown_table(runs: list[ComparedRun]) -> str:
         "run": "run", "method": "method", "trainable_params": "trainable params", "trainable_percent": "trainable",
         "peak_memory_mib": "peak memory (MiB)", "tokens_per_second": "tokens/s", "wall_seconds": "wall time (s)",
         "train_loss_final": "final train loss", "eval_loss": "eval loss", "eval_perplexity": "eval perplexity",
-        "exact_match": "exact match", "status": "status",
+        "exact_match": "exact match", "bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L", "status": "status",
     }
+    if not any(r.answers for r in runs):
+        headers = {k: v for k, v in headers.items() if k not in ANSWER_COLUMNS}
     lines = ["| " + " | ".join(headers.values()) + " |",
              "|" + "|".join("---" if k in ("run", "method", "status") else "---:" for k in headers) + "|"]
     for run in runs:
         row = run.row()
         lines.append("| " + " | ".join(_cell(row[k], k).replace("|", "\\|") for k in headers) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- answers side by side
+
+
+def answer_rows(runs: list[ComparedRun]) -> tuple[list[ComparedRun], list[dict]]:
+    """The runs that answered held-out rows, and per prompt (in the first such run's order, kept only where every
+    run answered it: a sweep's jobs share their held-out split): the prompt, the reference and each run's answer."""
+    answering = [r for r in runs if r.answers]
+    if not answering:
+        return [], []
+    by_run = [{record["prompt"]: record for record in r.answers} for r in answering]
+    rows = []
+    for record in answering[0].answers:
+        if all(record["prompt"] in answered for answered in by_run):
+            rows.append({"prompt": record["prompt"], "reference": record["reference"],
+                         "answers": [answered[record["prompt"]] for answered in by_run]})
+    return answering, rows
+
+
+def _inline(text: str, limit: int = 160) -> str:
+    """Text for one markdown table cell: one line, pipes escaped, cut at `limit` characters."""
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def answers_markdown(runs: list[ComparedRun], rows: list[dict]) -> list[str]:
+    lines = ["## Answers side by side", "",
+             f"The first {min(len(rows), ANSWERS_IN_MARKDOWN)} of {len(rows)} held-out prompts, greedy; each answer "
+             "with its ROUGE-L against the reference. All of them: [answers.html](answers.html).", "",
+             "| prompt | reference | " + " | ".join(_inline(r.label, 60) for r in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    for row in rows[:ANSWERS_IN_MARKDOWN]:
+        prompt = row["prompt"].split("### Instruction:")[-1]  # the Alpaca preamble is the same everywhere
+        cells = [_inline(prompt), _inline(row["reference"])]
+        cells += [f"{_inline(a['answer'])} ({a['rougeL']:.0f})" for a in row["answers"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def answers_html(title: str, runs: list[ComparedRun], rows: list[dict]) -> str:
+    """Every held-out prompt with the reference and each run's answer, one row per prompt."""
+    def cell(text: str, scores: dict | None = None) -> str:
+        note = "" if scores is None else (f'<div class="score">BLEU {scores["bleu"]:.1f} · chrF {scores["chrf"]:.1f}'
+                                          f' · ROUGE-L {scores["rougeL"]:.1f}</div>')
+        return f"<td><div class=\"text\">{html.escape(text)}</div>{note}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["prompt", "reference", *(r.label for r in runs)])
+    body = "\n".join("<tr>" + cell(row["prompt"]) + cell(row["reference"])
+                     + "".join(cell(a["answer"], a) for a in row["answers"]) + "</tr>" for row in rows)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}: answers</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; table-layout: fixed; width: 100%; }}
+th, td {{ border: 1px solid #ccc; padding: .4em; vertical-align: top; text-align: left; }}
+th {{ background: #f3f3f3; position: sticky; top: 0; }}
+.text {{ white-space: pre-wrap; font-size: .9em; }}
+.score {{ color: #666; font-size: .8em; margin-top: .3em; }}
+</style></head>
+<body><h1>{html.escape(title)}: answers to {len(rows)} held-out prompts</h1>
+<table><thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody></table></body></html>
+"""
 
 
 # ----------------------------------------------------------------------------- plots
@@ -262,6 +339,29 @@ def plot_perplexity_vs_params(runs: list[ComparedRun]) -> Figure:
     return fig
 
 
+def plot_answers_vs_params(runs: list[ComparedRun]) -> Figure:
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    for method in sorted({r.method for r in runs}):
+        group = [r for r in runs if r.method == method]
+        color, _, marker = _style(group[0])
+        ax.scatter([r.metrics["trainable_params"] for r in group], [r.metrics["answers"]["rougeL"] for r in group],
+                   color=color, marker=marker, s=60, label=method)
+        for r in group:
+            ax.annotate(r.label, (r.metrics["trainable_params"], r.metrics["answers"]["rougeL"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize="small")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.1)
+    ax.set_title("Answers' ROUGE-L vs trainable parameters")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("ROUGE-L F1 of held-out answers (higher is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="method")
+    return fig
+
+
 def _bars(runs: list[ComparedRun], values: list[float], title: str, xlabel: str, fmt: str) -> Figure:
     fig = Figure(figsize=(8, max(3.0, 1.2 + 0.5 * len(runs))), layout="constrained")
     ax = fig.subplots()
@@ -294,7 +394,7 @@ def plot_throughput(runs: list[ComparedRun]) -> Figure:
 
 
 def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
-    """The four PNGs into `folder` (replaced as a whole, atomically); only finished runs are drawn."""
+    """The PNGs into `folder` (replaced as a whole, atomically); only finished runs are drawn."""
     finished = [r for r in runs if r.finished]
     if not finished:
         return []
@@ -304,6 +404,9 @@ def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
         "peak_memory": plot_peak_memory(finished),
         "throughput": plot_throughput(finished),
     }
+    answered = [r for r in finished if r.metrics.get("answers")]
+    if answered:
+        figures["answers_vs_params"] = plot_answers_vs_params(answered)
     with atomic.directory(folder, overwrite=True) as tmp:
         for name, fig in figures.items():
             fig.savefig(tmp / f"{name}.png", dpi=120)
@@ -314,7 +417,8 @@ def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
 
 
 def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, title: str) -> Path:
-    """<out_dir>/<markdown_name>, summary.csv and plots/*.png. Returns the markdown path."""
+    """<out_dir>/<markdown_name>, summary.csv, plots/*.png and, where runs answered held-out prompts,
+    answers.html. Returns the markdown path."""
     out_dir = Path(out_dir)
     plots = write_plots(runs, out_dir / "plots")
     finished = [r for r in runs if r.finished]
@@ -333,9 +437,14 @@ def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, tit
         "perplexity_vs_params": "Held-out perplexity against trainable parameters.",
         "peak_memory": "Peak memory per run.",
         "throughput": "Trained (non-padding) tokens per second.",
+        "answers_vs_params": "ROUGE-L of the answers to held-out prompts against trainable parameters.",
     }
     for plot in plots:
         lines += [f"![{captions[plot.stem]}](plots/{plot.name})", ""]
+    answering, rows = answer_rows(finished)
+    if rows:
+        lines += answers_markdown(answering, rows)
+        atomic.write_text(out_dir / "answers.html", answers_html(title, answering, rows))
     atomic.write_text(out_dir / "summary.csv", csv_text(runs))
     atomic.write_text(out_dir / markdown_name, "\n".join(lines))
     return out_dir / markdown_name

@@ -38,6 +38,7 @@ HELDOUT = "heldout.jsonl"
 BASE_MODEL = "base_model"
 METRICS = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
+PREDICTIONS = "predictions.jsonl"  # answers to held-out rows, scored (report.generate_metrics)
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -180,6 +181,10 @@ def write_heldout(run_dir: Path, rows: list[dict]) -> None:
     atomic.write_jsonl(run_dir / HELDOUT, rows)
 
 
+def write_predictions(run_dir: Path, records: list[dict]) -> None:
+    atomic.write_jsonl(run_dir / PREDICTIONS, records)
+
+
 def save_model(folder: Path, model, tokenizer) -> None:
     """`model` (a transformers model or a peft adapter) and its tokenizer into `folder`, as safetensors,
     written whole or not at all."""
@@ -204,6 +209,20 @@ def read_metrics(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RunDirError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_predictions(run_dir: Path) -> list[dict]:
+    """predictions.jsonl: the run's scored answers to held-out rows; [] if absent."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path} line {number}: not valid JSON ({err})") from err
+    return records
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:

@@ -6,6 +6,7 @@ Examples:
     convobot eval run_dir=outputs/demo compare=[base,adapter,merged]           # side by side
     convobot eval run_dir=outputs/demo model=outputs/demo/release compare=[base,merged]   # merged = the bundle
     convobot eval model=outputs/demo/release data=local data.path=rows.jsonl rows=all sliding.stride=64
+    convobot eval run_dir=outputs/demo compare=[base,adapter] generate=true output=eval/report.json
 
 Perplexity is exp(sum of token NLL / number of scored tokens), so it does not depend on batching
 (convobot/scoring.py). What is scored is named by position, never by pad id: GPT-2's pad is its EOS, and
@@ -13,6 +14,10 @@ each answer's final EOS is scored. `data=` picks a conf/data config as convobot 
 `data=local data.path=rows.jsonl`); its seeded held-out split, the rows training held out, is scored, or
 every row with `rows=all`. Without it, the run's heldout.jsonl is used (a bundle remembers its run in
 merge_report.json).
+
+With `generate=true` each model also answers the rows (greedy, `max_new_tokens`, prompts cut from the left to fit
+the context) and the answers are scored against the references (answer_scores.py: BLEU, chrF, ROUGE, exact match);
+each model's answers go to <predictions_dir or output's folder>/predictions-<model>.jsonl.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from convobot.model.tokenizer import load_tokenizer
 from convobot.runs.loading import load_base, load_model, load_trained, run_behind
 from convobot.runs.rundir import HELDOUT, RunDir, open_run
 from convobot.scoring import perplexity
+from convobot.scoring.answer_scores import METRICS, answered_and_scored, require_eval_extra
 
 MODELS = ("base", "adapter", "merged")
 
@@ -97,6 +103,12 @@ def score(model, tokenizer, heldout: HeldOut, cfg: EvalConfig) -> dict:
     return result | {"max_length": max_length}
 
 
+def predictions_dir(cfg: EvalConfig) -> Path | None:
+    if cfg.predictions_dir:
+        return Path(cfg.predictions_dir)
+    return Path(cfg.output).parent if cfg.output else None
+
+
 def models_to_score(cfg: EvalConfig, run: RunDir | None):
     """(label, loader) pairs; each model is loaded only when its turn comes, to hold one at a time."""
     if not cfg.compare:
@@ -123,17 +135,27 @@ def models_to_score(cfg: EvalConfig, run: RunDir | None):
 def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
     """Score one model, or several side by side; prints a table and returns the report."""
     console = console or Console()
+    if cfg.generate:
+        require_eval_extra()  # before any model is loaded
     run = find_run(cfg)
     heldout = held_out(cfg, run)
     report = {"data": heldout.source, "rows": len(heldout.pairs), "models": {}}
+    folder = predictions_dir(cfg) if cfg.generate else None
     for label, load in models_to_score(cfg, run):
         model, tokenizer = load()
         report["models"][label] = score(model, tokenizer, heldout, cfg)
+        if cfg.generate:
+            report["models"][label]["generation"], records = answered_and_scored(
+                model, tokenizer, heldout.pairs.to_list(), cfg.max_new_tokens, cfg.generate_batch_size)
+            if folder is not None:
+                atomic.write_jsonl(folder / f"predictions-{label}.jsonl", records)
         del model
     if {"adapter", "merged"} <= report["models"].keys():
         report["adapter_vs_merged"] = check_same_perplexity(report["models"]["adapter"], report["models"]["merged"],
                                                             cfg.tolerance)
     print_table(report, console)
+    if cfg.generate:
+        print_answer_scores(report, folder, console)
     if cfg.output:
         atomic.write_json(Path(cfg.output), report)
     return report
@@ -165,6 +187,22 @@ def print_table(report: dict, console: Console) -> None:
     if "adapter_vs_merged" in report:
         console.print(f"adapter vs merged: perplexities agree to {report['adapter_vs_merged']['max_relative_difference']:.1e}"
                       f" (relative; tolerance {report['adapter_vs_merged']['tolerance']:g})")
+
+
+def print_answer_scores(report: dict, folder: Path | None, console: Console) -> None:
+    table = Table(title="answers scored against the references", caption="0-100; BLEU and chrF over all rows, "
+                  "ROUGE F1 and exact match averaged over the rows")
+    for column in ("model", *METRICS, "cut", "s/row"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, result in report["models"].items():
+        scores = result["generation"]
+        table.add_row(label, *(f"{scores[name]:.1f}" for name in METRICS), str(scores["prompts_cut"]),
+                      f"{scores['seconds'] / max(scores['rows'], 1):.2f}")
+    console.print(table)
+    if folder is not None:
+        console.print(f"answers: {folder}/predictions-<model>.jsonl")
+    else:
+        console.print("answers not written: pass predictions_dir=DIR or output=FILE to keep them")
 
 
 @hydra.main(config_path=str(COMMANDS_CONF_DIR), config_name="eval", version_base="1.3")

@@ -55,6 +55,7 @@ from convobot.model.quantize import load_quantized_base
 from convobot.model.tokenizer import load_tokenizer
 from convobot.plan import check_fits
 from convobot.runs import rundir
+from convobot.scoring.answer_scores import answered_and_scored, require_eval_extra
 from convobot.scoring.generate import Answers, answer
 from convobot.scoring.measure import peak_memory_bytes, versions
 from convobot.scoring.perplexity import perplexities
@@ -175,9 +176,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
     return trainer, optimizer
 
 
-def score(model, tokenizer, dataset: InstructionData, cfg: TrainConfig) -> dict:
+def score(model, tokenizer, dataset: InstructionData, cfg: TrainConfig) -> tuple[dict, list[dict]]:
     """Held-out loss and perplexity, on what the loss trained (response only, or the full sequence); exact-match
-    where answers can be checked (bundled tasks)."""
+    where answers can be checked (bundled tasks); answers to held-out rows scored against their references
+    (report.generate_metrics), with those answers."""
     both = perplexities(model, dataset.eval, tokenizer, cfg.data.max_length, cfg.hardware.eval_tokens)
     result = both["response" if cfg.data.completion_only else "full"]
     scores = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"]}
@@ -185,7 +187,11 @@ def score(model, tokenizer, dataset: InstructionData, cfg: TrainConfig) -> dict:
         checked = dataset.eval_rows[:cfg.report.exact_match_rows]
         predictions = answer(model, tokenizer, checked, cfg.report.max_new_tokens, cfg.hardware.eval_batch_size)
         scores["exact_match"] = exact_match(predictions, [answer_of(row) for row in checked])
-    return scores
+    records = []
+    if cfg.report.generate_metrics:
+        scores["answers"], records = answered_and_scored(model, tokenizer, dataset.eval_rows[:cfg.report.generate_rows],
+                                                         cfg.report.max_new_tokens, cfg.hardware.eval_batch_size)
+    return scores, records
 
 
 def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = (),
@@ -202,6 +208,8 @@ def run(cfg: TrainConfig, run_dir: Path, callbacks: Iterable[TrainerCallback] = 
 def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback], sweep_dir: Path | None) -> dict:
     """The recipe, in a run dir this process owns: setup -> train -> save -> score."""
     checkpoint = resume.find_checkpoint(cfg.resume, run_dir)  # before any work: a wrong path fails at once
+    if cfg.report.generate_metrics:
+        require_eval_extra()  # before training, not after it
     # The tracker is reached before any work too: an unusable one fails now, not after training.
     tracker = tracking.open_tracking(cfg, run_dir, sweep_dir) if distributed.rank() == 0 else None
     if checkpoint is None and distributed.rank() == 0:
@@ -215,8 +223,8 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
         job.trainer.add_callback(callback)
     if job.is_main:
         record_start(job, run_dir, tracker)
-    before = score(job.trainer.model, job.tokenizer, job.dataset, job.cfg) if job.cfg.report.before and job.is_main \
-        else {}
+    before = score(job.trainer.model, job.tokenizer, job.dataset, job.cfg)[0] \
+        if job.cfg.report.before and job.is_main else {}
 
     # --- train (from a checkpoint, the Trainer restores optimizer, scheduler, RNG and data position)
     resumed = resume.steps_and_tokens(checkpoint)  # read now: rotation may delete the checkpoint while training
@@ -227,9 +235,11 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
         rundir.save_model(run_dir / rundir.weights_dirname(job.cfg.peft.method), job.trainer.model, job.tokenizer)
 
     # --- score
-    after = score(job.trainer.model, job.tokenizer, job.dataset, job.cfg) if job.is_main else {}
+    after, predictions = score(job.trainer.model, job.tokenizer, job.dataset, job.cfg) if job.is_main else ({}, [])
     results = collect_results(job, checkpoint, resumed, train_loss, train_seconds, before, after, started)
     if job.is_main:
+        if predictions:
+            rundir.write_predictions(run_dir, predictions)
         rundir.write_metrics(run_dir, results)
         tracking.end(tracker, results, run_dir)
         samples = job.dataset.eval_rows[:job.cfg.report.samples]

@@ -216,7 +216,8 @@ def begin(tracking: Tracking | None, cfg: TrainConfig, run_dir: Path) -> None:
 def end(tracking: Tracking | None, results: dict, run_dir: Path) -> None:
     if tracking is None:
         return
-    files = [run_dir / name for name in (rundir.CONFIG, rundir.METRICS, rundir.METRICS_LOG)]
+    files = [run_dir / name for name in (rundir.CONFIG, rundir.METRICS, rundir.METRICS_LOG, rundir.PREDICTIONS)
+             if (run_dir / name).is_file()]
     tracking.safely("log the results", tracking.finish, numeric(results), files)
 
 

@@ -1,6 +1,8 @@
-"""convobot-compare on real run dirs of the tiny model: report.md, summary.csv and four real plots."""
+"""convobot-compare on real run dirs of the tiny model: report.md, summary.csv, real plots and the runs' answers
+side by side."""
 
 import csv
+import html
 import json
 
 import pytest
@@ -13,12 +15,13 @@ from convobot.training.recipe import run
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """A LoRA and a full fine-tune smoke run (same data, same budget)."""
+    """A LoRA and a full fine-tune smoke run (same data, same budget), each answering 4 held-out prompts."""
     from convobot.config import compose, validate
 
     root = tmp_path_factory.mktemp("runs")
     for method in ("lora", "full"):
-        cfg = validate(compose(["experiment=smoke", f"peft={method}", "report.before=false", "report.samples=0"]))
+        cfg = validate(compose(["experiment=smoke", f"peft={method}", "report.before=false", "report.samples=0",
+                                "report.generate_metrics=true", "report.generate_rows=4", "report.max_new_tokens=8"]))
         run(cfg, root / method)
     return root / "lora", root / "full"
 
@@ -49,6 +52,27 @@ def test_compare_two_run_dirs_writes_report_table_and_plots(two_runs, tmp_path, 
         height, width, _ = imread(png).shape  # a real, decodable image of a useful size
         assert height >= 300 and width >= 600
     assert not list(out.parent.glob(".*.tmp"))  # written atomically
+
+
+def test_the_report_shows_each_runs_answers_to_the_same_prompts(two_runs, tmp_path):
+    out = tmp_path / "report"
+    compare.compare(two_runs, out, title="LoRA vs full")
+    predictions = [[json.loads(line) for line in (run_dir / "predictions.jsonl").open()] for run_dir in two_runs]
+    assert [len(p) for p in predictions] == [4, 4]
+    assert [r["prompt"] for r in predictions[0]] == [r["prompt"] for r in predictions[1]]  # one held-out split
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    for row, run_dir in zip(rows, two_runs):
+        answers = json.loads((run_dir / "metrics.json").read_text())["answers"]
+        assert answers["rows"] == 4 and float(row["rougeL"]) == pytest.approx(answers["rougeL"])
+        assert float(row["bleu"]) == pytest.approx(answers["bleu"])
+    report = (out / "report.md").read_text()
+    assert "| BLEU | chrF | ROUGE-L |" in report and "## Answers side by side" in report
+    assert "](plots/answers_vs_params.png)" in report and imread(out / "plots" / "answers_vs_params.png").shape[0] >= 300
+    page = (out / "answers.html").read_text()
+    for records in predictions:
+        for record in records:
+            assert html.escape(record["answer"]) in page and html.escape(record["reference"]) in page
+    assert page.count("<tr>") == 4 + 1  # the header and one row per prompt
 
 
 def test_plots_have_titles_axes_units_and_the_data(two_runs):
