@@ -222,6 +222,8 @@ def write(rows: list[dict], args) -> None:
              f"- model: GPT2Config() random init, real GPT-2 tokenizer; chat completions of {args.tokens} new tokens, "
              f"temperature 0, {args.requests} requests per client; real alpaca-gpt4 instructions",
              "- one server at a time, each on every core; the official openai client on loopback",
+             "- llama-cpp-python's server loads its model with the parameters convobot's llama.cpp backend uses "
+             "(`llama_model_params` in convobot/release/gguf.py)",
              *([f"- note: {args.note}"] if args.note else []), "",
              "| server | 1 client tok/s | 8 clients tok/s | p50 / p95 latency at 8 (s) |", "|---|---|---|---|"]
     for row in rows:

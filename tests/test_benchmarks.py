@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a 2-layer model and report what they claim (structure, not speed)."""
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import eval_speed  # noqa: E402
 import harness  # noqa: E402
 import scaling  # noqa: E402
 import train_throughput as bench  # noqa: E402
@@ -80,3 +82,13 @@ def test_scaling_benchmark_writes_a_figure(shared_data, tmp_path):
     assert all(p["tokens_per_second"] > 0 and p["peak_memory_mib"] > 0 for p in summary["points"])
     assert stem.with_suffix(".png").stat().st_size > 10_000
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_eval_speed_benchmark_times_answering_against_scoring(shared_data, tmp_path):
+    assert eval_speed.main(["--smoke", "--rows", "4", "--new-tokens", "4", "--repeats", "1", "--out",
+                            str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "smoke.json").read_text())
+    assert summary["rows"] == 4 and summary["scoring_seconds"] > 0 and summary["answering_seconds"] > 0
+    assert summary["ratio"] == pytest.approx(summary["answering_seconds"] / summary["scoring_seconds"])
+    assert 0 <= summary["answers_scores"]["rougeL"] <= 100 and summary["answers_scores"]["rows"] == 4
+    assert "| answering one row at a time |" in (tmp_path / "smoke.md").read_text()

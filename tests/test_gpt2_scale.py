@@ -1,7 +1,7 @@
 """The pipeline at the shape users run: GPT-2 small's architecture (GPT2Config(), random init) with the real GPT-2
 tokenizer and real alpaca-gpt4 rows from ../shared, loaded through the hub code path (model.name=DIR), as the Hub
-model would be: 2 packed LoRA steps -> merge -> eval -> ONNX export -> one chat answer -> GGUF export checked by
-llama.cpp, when llama-cpp-python is installed (~3 min on 2 cores)."""
+model would be: 2 packed LoRA steps -> merge -> eval (perplexity and answers) -> ONNX export -> one chat answer ->
+q8_0 GGUF export checked by llama.cpp, when llama-cpp-python is installed (~2 min on 2 cores)."""
 
 import importlib.util
 import io
@@ -63,10 +63,12 @@ def test_train_merge_eval_export_chat_at_gpt2_small_shape(gpt2_small, shared_dat
     assert check["weights_changed"]["tensors_changed"] == 48  # c_attn, c_proj, c_fc, mlp.c_proj x 12 blocks
 
     scores = evaluate(EvalConfig(model=str(release), run_dir=str(tmp_path / "run"), compare=["adapter", "merged"],
-                                 max_rows=4, sliding=SlidingConfig(window=256)), **QUIET)
+                                 max_rows=4, sliding=SlidingConfig(window=256), generate=True, max_new_tokens=8),
+                      **QUIET)
     assert scores["rows"] == 4 and scores["adapter_vs_merged"]["max_relative_difference"] <= 1e-4
     merged = scores["models"]["merged"]
     assert merged["max_length"] == cfg.data.max_length and merged["sliding"]["windows"] > 1
+    assert merged["generation"]["rows"] == 4 and 0 <= merged["generation"]["chrf"] <= 100
 
     exported = export(ExportConfig(model=str(release)), **QUIET)
     assert exported["max_abs_logit_diff"] <= 1e-4
@@ -78,6 +80,6 @@ def test_train_merge_eval_export_chat_at_gpt2_small_shape(gpt2_small, shared_dat
 
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python (the 'gguf' extra) is not installed: GGUF export not checked")
-    gguf = export_gguf(GGUFConfig(model=str(release), types=["f32", "q8_0"], check_rows=2, greedy_tokens=8), **QUIET)
+    gguf = export_gguf(GGUFConfig(model=str(release), types=["q8_0"], check_rows=2, greedy_tokens=8), **QUIET)
     for kind, check in gguf["types"].items():  # the real GPT-2 tokenizer, its full vocabulary and context
         assert check["max_abs_logit_diff"] <= check["tolerance"] and check["texts_tokenized_equal"] == 7, kind

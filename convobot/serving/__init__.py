@@ -8,5 +8,6 @@
     engine.py         continuous batching: the scheduler every served base model runs in a thread
     sampling.py       per-sequence token choice, log-probabilities, stop sequences, incremental text
     torch_runner.py   the engine's PyTorch side: a shared key/value cache of rows, mixed-adapter batches
+    row_lora.py       each row's LoRA adapter applied in two matmuls per layer, whatever the mix
     llama_runner.py   the engine's llama.cpp side: a bundle's GGUF, a sequence per row
 """

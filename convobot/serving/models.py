@@ -31,7 +31,7 @@ from convobot.runs import bundle
 from convobot.runs.loading import load_base, load_folder, require_safetensors
 from convobot.runs.rundir import BASE_MODEL, CONFIG, RunDir, open_run
 from convobot.serving.engine import Engine
-from convobot.serving.torch_runner import BASE
+from convobot.serving.row_lora import BASE, use_row_lora
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,7 @@ class Registry:
                 group.model.delete_adapter(name)
             raise ModelPathError(f"{source.path}: cannot be loaded as an adapter of {group.base_id} ({err})") from err
         group.model.eval()
+        use_row_lora(group.model)  # the layers this adapter targets and the others did not
         group.adapters[source.model_id] = name
 
     def _engine(self, runner, tokenizer, name: str) -> Engine:

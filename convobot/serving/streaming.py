@@ -10,8 +10,9 @@ from convobot.config import GenerationOptions
 from convobot.model.base import context_length
 from convobot.scoring.generate import prompt_ids
 from convobot.serving.engine import Delta, Done, Engine, Failed, Request
+from convobot.serving.row_lora import BASE
 from convobot.serving.sampling import SamplingParams
-from convobot.serving.torch_runner import BASE, TorchRunner
+from convobot.serving.torch_runner import TorchRunner
 from convobot.template import render_prompt
 
 

@@ -6,8 +6,9 @@ and a 4D mask lets it attend to its own positions only. transformers takes such 
 absolute position embeddings take each row's position from `position_ids`. Rows are kept contiguous (a finishing
 sequence's row is refilled with the last one), so a step computes only live rows. Prompts are prefilled with
 transformers' own DynamicCache, a chunk per engine step, then copied into a free row: prefill is computed exactly
-as `generate()` computes it. With adapters, each row names its own (`adapter_names`, peft's mixed-adapter batches;
-"__base__" for the base itself), so requests for different adapters decode in the same pass.
+as `generate()` computes it. With adapters, each row names its own (`adapter_names`, as in peft's mixed-adapter
+batches; "__base__" for the base itself), so requests for different adapters decode in the same pass, each LoRA
+layer applying every row's adapter at once (row_lora.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from convobot.model.base import context_length
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+from convobot.serving.row_lora import use_row_lora
 
 
 class SlotCache:
@@ -119,6 +119,8 @@ class TorchRunner:
     def __init__(self, model, slots: int, adapters: bool):
         self.model, self.adapters = model.eval(), adapters
         use_wide_head(model)
+        if adapters:
+            use_row_lora(model)
         config = model.config
         self.context = context_length(config)
         parameter = next(model.parameters())

@@ -10,8 +10,9 @@ import torch
 
 from convobot.scoring.generate import answer
 from convobot.serving.engine import Delta, Engine, Failed, QueueFull, Request
+from convobot.serving.row_lora import BASE
 from convobot.serving.sampling import Detokenizer, SamplingParams, next_token
-from convobot.serving.torch_runner import BASE, TorchRunner
+from convobot.serving.torch_runner import TorchRunner
 from convobot.template import render_prompt, user_message
 
 ROWS = [{"instruction": "Reverse the order of the words.", "input": "apple bird cat dog", "output": ""},
