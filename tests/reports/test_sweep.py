@@ -52,6 +52,7 @@ def test_callback_summarises_every_job_into_the_sweep_dir(sweep_dir):
     assert all(rows[i]["eval_loss"] and rows[i]["trainable_params"] and rows[i]["exact_match"] for i in (0, 1))
     summary = (sweep_dir / "summary.md").read_text()
     assert "2 of 3 runs finished" in summary and "| peft=lora | lora |" in summary
+    assert sorted(p.name for p in (sweep_dir / "plots").iterdir()) == sorted(f"{n}.png" for n in compare.PLOTS)
 
 
 def test_jobs_sharing_a_process_each_get_the_8bit_optimizer(sweep_dir):
@@ -59,7 +60,6 @@ def test_jobs_sharing_a_process_each_get_the_8bit_optimizer(sweep_dir):
     for job in ("0_peft=full", "1_peft=lora"):
         metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
         assert metrics["optimizer_fallback_reason"] is None and "uint8" in metrics["optimizer"], job
-    assert sorted(p.name for p in (sweep_dir / "plots").iterdir()) == sorted(f"{n}.png" for n in compare.PLOTS)
 
 
 def test_callback_is_registered_for_training_and_off_for_plans():
