@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[export,serve,track,sweep,eval,dev]"
+	$(BIN)/pip install --quiet -e ".[export,serve,track,sweep,eval,harness,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -133,6 +133,9 @@ def check_evaluation_page(folder: Path, outputs: list[str]) -> None:
     heldout = read_jsonl(folder / "outputs" / "smoke-run" / "heldout.jsonl")[:8]
     assert [r["reference"] for r in records] == [row["output"] for row in heldout]
     assert '"reference"' in outputs[0] and "answers scored against the references" in outputs[0]
+    harness = json.loads((folder / "eval" / "harness.json").read_text())["harness"]
+    assert len(harness["samples"]["convobot_tasks"]) == 20
+    assert 0 <= harness["results"]["convobot_tasks"]["exact_match,strip"] <= 1 and "lm-evaluation-harness" in outputs[1]
 
 
 CHECKS = {"sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}

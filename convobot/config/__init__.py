@@ -15,6 +15,7 @@ from convobot.config.commands import (
                                       ExportConfig,
                                       GenerationOptions,
                                       GGUFConfig,
+                                      HarnessConfig,
                                       MergeConfig,
                                       ServeConfig,
                                       SlidingConfig,
@@ -52,7 +53,7 @@ from convobot.config.validation import (
 __all__ = [
     "BadRowPolicy", "COMMANDS_CONF_DIR", "COMMAND_SCHEMAS", "CONF_DIR", "ChatConfig", "DataConfig", "DataFormat",
     "DataSource", "Device", "EvalConfig", "EvalRows", "ExportConfig", "GGUFConfig", "GenerationOptions",
-    "HardwareConfig", "LoggerConfig", "LossHead", "MergeConfig", "ModelConfig", "ModelSource", "OptimConfig",
+    "HardwareConfig", "HarnessConfig", "LoggerConfig", "LossHead", "MergeConfig", "ModelConfig", "ModelSource", "OptimConfig",
     "PeftConfig", "PeftMethod", "Precision", "ReportConfig", "ServeConfig", "SlidingConfig", "Tracker", "TrainConfig",
     "TrainLoopConfig", "compose", "compose_command", "flatten", "to_container", "validate",
 ]

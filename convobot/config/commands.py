@@ -66,6 +66,16 @@ class SlidingConfig:
 
 
 @dataclass
+class HarnessConfig:
+    # lm-evaluation-harness tasks run on the bundle (`convobot_tasks`: convobot's offline task); []: none.
+    tasks: list[str] = field(default_factory=list)
+    # Documents per task (null: all).
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvalConfig:
     """convobot eval (conf/commands/eval.yaml)."""
     # A merged bundle / model folder, a run dir or a run's adapter/.
@@ -96,11 +106,15 @@ class EvalConfig:
     # A folder for each model's answers, <model>.jsonl (prompt, reference, answer, the row's scores); null: beside
     # `output`, when it is set.
     predictions_dir: Optional[str] = None
+    # lm-evaluation-harness on a merged bundle (model=BUNDLE): harness.tasks=[convobot_tasks,...].
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
     def checks(self) -> list[Check]:
         return (self.data.checks() if self.data is not None else []) + [
             ("max_new_tokens", self.max_new_tokens > 0, "must be > 0"),
             ("generate_batch_size", self.generate_batch_size > 0, "must be > 0"),
+            ("harness.limit", self.harness.limit is None or self.harness.limit > 0, "must be > 0, or null for all"),
+            ("harness.batch_size", self.harness.batch_size > 0, "must be > 0"),
             ("max_rows", self.max_rows is None or self.max_rows > 0, "must be > 0, or null for all rows"),
             ("max_length", self.max_length is None or self.max_length > 1, "must be > 1, or null"),
             ("batch_tokens", self.batch_tokens > 0, "must be > 0"),

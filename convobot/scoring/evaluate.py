@@ -33,16 +33,18 @@ from rich.table import Table
 
 from convobot import atomic
 from convobot.cli import run_command
-from convobot.config import COMMANDS_CONF_DIR, EvalConfig, EvalRows, PeftMethod
+from convobot.config import COMMANDS_CONF_DIR, Device, EvalConfig, EvalRows, PeftMethod
 from convobot.data.examples import to_examples
 from convobot.data.load import load_rows, split_rows
 from convobot.errors import ConfigError, ModelPathError, VerificationError
-from convobot.model.base import context_length, fit_context
+from convobot.model.base import context_length, fit_context, resolve_device
 from convobot.model.tokenizer import load_tokenizer
+from convobot.runs import bundle
 from convobot.runs.loading import load_base, load_model, load_trained, run_behind
 from convobot.runs.rundir import HELDOUT, RunDir, open_run
 from convobot.scoring import perplexity
 from convobot.scoring.answer_scores import METRICS, answered_and_scored, require_eval_extra
+from convobot.scoring.harness import require_harness_extra, run_harness
 
 MODELS = ("base", "adapter", "merged")
 
@@ -137,6 +139,8 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
     console = console or Console()
     if cfg.generate:
         require_eval_extra()  # before any model is loaded
+    if cfg.harness.tasks:
+        require_harness_extra()
     run = find_run(cfg)
     heldout = held_out(cfg, run)
     report = {"data": heldout.source, "rows": len(heldout.pairs), "models": {}}
@@ -153,9 +157,13 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
     if {"adapter", "merged"} <= report["models"].keys():
         report["adapter_vs_merged"] = check_same_perplexity(report["models"]["adapter"], report["models"]["merged"],
                                                             cfg.tolerance)
+    if cfg.harness.tasks:
+        report["harness"] = harness_scores(cfg, run)
     print_table(report, console)
     if cfg.generate:
         print_answer_scores(report, folder, console)
+    if cfg.harness.tasks:
+        print_harness(report["harness"], console)
     if cfg.output:
         atomic.write_json(Path(cfg.output), report)
     return report
@@ -187,6 +195,33 @@ def print_table(report: dict, console: Console) -> None:
     if "adapter_vs_merged" in report:
         console.print(f"adapter vs merged: perplexities agree to {report['adapter_vs_merged']['max_relative_difference']:.1e}"
                       f" (relative; tolerance {report['adapter_vs_merged']['tolerance']:g})")
+
+
+def harness_scores(cfg: EvalConfig, run: RunDir | None) -> dict:
+    """lm-evaluation-harness's results for `harness.tasks` on the bundle `model`, checked against its checksums."""
+    if not cfg.model or not bundle.is_model_folder(Path(cfg.model)):
+        raise ConfigError("config key 'harness.tasks': lm-evaluation-harness runs on a merged bundle: pass "
+                          f"model=<bundle> (got {cfg.model or cfg.run_dir}; convobot merge makes one)")
+    bundle.verify(Path(cfg.model), cfg.verify_checksums)
+    output = run_harness(cfg.model, cfg.harness, resolve_device(Device.auto, key="device").type)
+    return {"tasks": list(cfg.harness.tasks), "limit": cfg.harness.limit, "results": output["results"],
+            "versions": output.get("versions", {}),
+            "samples": {task: [{"doc": s["doc"], "target": s["target"], "response": s["filtered_resps"]}
+                               for s in samples] for task, samples in output.get("samples", {}).items()}}
+
+
+def print_harness(harness: dict, console: Console) -> None:
+    table = Table(title="lm-evaluation-harness", caption=f"limit {harness['limit'] or 'none'} documents per task")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metrics in harness["results"].items():
+        for key, value in metrics.items():
+            name, _, kind = key.partition(",")
+            if name.endswith("_stderr") or not isinstance(value, (int, float)) or name == "sample_len":
+                continue
+            stderr = metrics.get(f"{name}_stderr,{kind}")
+            table.add_row(task, key, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-")
+    console.print(table)
 
 
 def print_answer_scores(report: dict, folder: Path | None, console: Console) -> None:
