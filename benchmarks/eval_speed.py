@@ -1,23 +1,26 @@
 """Answering held-out rows against scoring them, at GPT-2 small shape: the seconds `convobot eval generate=true`
 spends on greedy answers (batched by length, and one row at a time for comparison) against the seconds its
 perplexity scoring takes (full, response and sliding window, as `convobot eval` runs it), on the same rows, in one
-process.
+process; and convobot's scoring against lm-evaluation-harness's on the same log-likelihoods, when it is installed.
 
-    python benchmarks/eval_speed.py                          # ~4 min on 2 CPU cores
+    python benchmarks/eval_speed.py                          # ~5 min on 2 CPU cores
     python benchmarks/eval_speed.py --rows 50 --new-tokens 64 --repeats 2
 
 The model is GPT-2 small's architecture (GPT2Config(), random init, seed 0) with the real GPT-2 tokenizer from
 ../shared; the rows are real alpaca-gpt4 rows. A random-init model does not stop at EOS, so every answer is
---new-tokens long: the slowest case. Each measurement is repeated and the fastest kept. Target: answering in
-batches takes at most 2x the time of scoring. Writes benchmarks/results/eval_speed_<device>_<date>.{md,json}.
+--new-tokens long: the slowest case. Each measurement is repeated and the fastest kept. Targets: answering in
+batches takes at most 2x the time of scoring, and scoring no longer than the harness's. Writes
+benchmarks/results/eval_speed_<device>_<date>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,39 @@ def fastest(work, repeats: int) -> tuple[float, object]:
         result = work()
         best = min(best, time.perf_counter() - started)
     return best, result
+
+
+HARNESS_TASK = """task: answers_loglikelihood
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: ROWS
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{completion}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def harness_loglikelihood(model_dir: Path, examples: list[dict]) -> dict:
+    """lm-evaluation-harness scoring each answer given its prompt, on the model saved in `model_dir`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = Path(tmp) / "rows.jsonl"
+        rows.write_text("".join(json.dumps(example) + "\n" for example in examples))
+        (Path(tmp) / "task.yaml").write_text(HARNESS_TASK.replace("ROWS", json.dumps(str(rows))))
+        return simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"},
+                               tasks=["answers_loglikelihood"], task_manager=TaskManager(include_path=tmp),
+                               batch_size=16, device="cpu")["results"]
 
 
 def main(argv=None) -> int:
@@ -55,6 +91,7 @@ def main(argv=None) -> int:
     from convobot.config import EvalConfig
     from convobot.scoring.answer_scores import answered_and_scored
     from convobot.scoring.evaluate import HeldOut, score
+    from convobot.scoring.perplexity import perplexities
     from convobot.template import format_example, with_chat_template
 
     torch.manual_seed(0)
@@ -66,6 +103,15 @@ def main(argv=None) -> int:
     heldout = HeldOut(Dataset.from_list([format_example(row) for row in rows]), 1024, "alpaca-gpt4 eval sample")
 
     scoring, _ = fastest(lambda: score(model, tokenizer, heldout, EvalConfig()), args.repeats)
+    # The same rows' answers scored, given their prompts: convobot's one pass (full + response perplexity) against
+    # lm-evaluation-harness's loglikelihood requests on the same model, saved and loaded by the harness itself.
+    one_pass, _ = fastest(lambda: perplexities(model, heldout.pairs, tokenizer, 1024, 4096), args.repeats)
+    harness = None
+    if importlib.util.find_spec("lm_eval") is not None and args.device == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            harness, _ = fastest(lambda: harness_loglikelihood(Path(tmp), heldout.pairs.to_list()), args.repeats)
     batched, (summary, _) = fastest(lambda: answered_and_scored(model, tokenizer, rows, args.new_tokens,
                                                                 args.batch_size), args.repeats)
     alone, _ = fastest(lambda: answered_and_scored(model, tokenizer, rows, args.new_tokens, 1), 1)
@@ -86,15 +132,22 @@ def main(argv=None) -> int:
              f"{scoring / len(rows):.2f} |",
              f"| answering + BLEU/chrF/ROUGE, batches of {args.batch_size} by length (generate=true) | {batched:.1f} | "
              f"{batched / len(rows):.2f} |",
-             f"| answering one row at a time | {alone:.1f} | {alone / len(rows):.2f} |", "",
+             f"| answering one row at a time | {alone:.1f} | {alone / len(rows):.2f} |",
+             f"| convobot: answers' log-likelihood given their prompts, full + response in one pass | {one_pass:.1f} | "
+             f"{one_pass / len(rows):.2f} |",
+             *([f"| lm-evaluation-harness: the same log-likelihoods (hf model, loglikelihood requests) | "
+                f"{harness:.1f} | {harness / len(rows):.2f} |"] if harness is not None else []), "",
              f"- answering in batches / scoring: **{ratio:.2f}x** (target <= 2x); batches vs one at a time: "
-             f"**{alone / batched:.1f}x** faster", ""]
+             f"**{alone / batched:.1f}x** faster",
+             *([f"- convobot's scoring / lm-evaluation-harness's on the same log-likelihoods: **{one_pass / harness:.2f}x**"
+                " the time (target <= 1x)"] if harness is not None else []), ""]
     print("\n".join(lines))
     stem = args.out / ("smoke" if args.smoke else f"eval_speed_{args.device}_{when:%Y-%m-%d}")
     save_report(stem, "\n".join(lines),
                 {"date": when.isoformat(), "machine": info, "rows": len(rows), "new_tokens": args.new_tokens,
                  "batch_size": args.batch_size, "scoring_seconds": scoring, "answering_seconds": batched,
-                 "answering_one_at_a_time_seconds": alone, "ratio": ratio,
+                 "answering_one_at_a_time_seconds": alone, "ratio": ratio, "one_pass_scoring_seconds": one_pass,
+                 "harness_loglikelihood_seconds": harness,
                  "answers_scores": {k: v for k, v in summary.items() if k != "seconds"}})
     return 0
 
