@@ -50,10 +50,10 @@ output_type: loglikelihood
 doc_to_text: "{{prompt}}"
 doc_to_target: "{{completion}}"
 target_delimiter: ""
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
+metric_list:  # (not perplexity: its per-document mean of a random model's log-likelihoods overflows exp)
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
 metadata:
   version: 1.0
 """
