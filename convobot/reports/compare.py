@@ -315,51 +315,39 @@ def plot_loss_curves(runs: list[ComparedRun]) -> Figure:
     return fig
 
 
-def plot_perplexity_vs_params(runs: list[ComparedRun]) -> Figure:
+def _vs_params(runs: list[ComparedRun], value, title: str, ylabel: str) -> Figure:
+    """A scatter of value(run) against trainable parameters (log scale), one colour and marker per method."""
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     for method in sorted({r.method for r in runs}):
         group = [r for r in runs if r.method == method]
         color, _, marker = _style(group[0])
-        ax.scatter([r.metrics["trainable_params"] for r in group], [r.metrics["eval_perplexity"] for r in group],
+        ax.scatter([r.metrics["trainable_params"] for r in group], [value(r) for r in group],
                    color=color, marker=marker, s=60, label=method)
         for r in group:
             params = r.metrics["trainable_params"]
-            ax.annotate(f"{r.label} ({EngFormatter(places=1, sep='')(params)})", (params, r.metrics["eval_perplexity"]),
+            ax.annotate(f"{r.label} ({EngFormatter(places=1, sep='')(params)})", (params, value(r)),
                         textcoords="offset points", xytext=(6, 4), fontsize="small")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.25, y=0.1)  # room for the labels
-    ax.set_title("Held-out perplexity vs trainable parameters")
+    ax.set_title(title)
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("eval perplexity (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(title="method")
     return fig
+
+
+def plot_perplexity_vs_params(runs: list[ComparedRun]) -> Figure:
+    return _vs_params(runs, lambda r: r.metrics["eval_perplexity"], "Held-out perplexity vs trainable parameters",
+                      "eval perplexity (lower is better)")
 
 
 def plot_answers_vs_params(runs: list[ComparedRun]) -> Figure:
-    fig = Figure(figsize=(7, 5), layout="constrained")
-    ax = fig.subplots()
-    for method in sorted({r.method for r in runs}):
-        group = [r for r in runs if r.method == method]
-        color, _, marker = _style(group[0])
-        ax.scatter([r.metrics["trainable_params"] for r in group], [r.metrics["answers"]["rougeL"] for r in group],
-                   color=color, marker=marker, s=60, label=method)
-        for r in group:
-            ax.annotate(r.label, (r.metrics["trainable_params"], r.metrics["answers"]["rougeL"]),
-                        textcoords="offset points", xytext=(6, 4), fontsize="small")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.25, y=0.1)
-    ax.set_title("Answers' ROUGE-L vs trainable parameters")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("ROUGE-L F1 of held-out answers (higher is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(title="method")
-    return fig
+    return _vs_params(runs, lambda r: r.metrics["answers"]["rougeL"], "Answers' ROUGE-L vs trainable parameters",
+                      "ROUGE-L F1 of held-out answers (higher is better)")
 
 
 def _bars(runs: list[ComparedRun], values: list[float], title: str, xlabel: str, fmt: str) -> Figure:

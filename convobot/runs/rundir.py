@@ -211,9 +211,8 @@ def read_metrics(run_dir: Path) -> dict | None:
         raise RunDirError(f"{path}: not valid JSON ({err})") from err
 
 
-def read_predictions(run_dir: Path) -> list[dict]:
-    """predictions.jsonl: the run's scored answers to held-out rows; [] if absent."""
-    path = Path(run_dir) / PREDICTIONS
+def _read_jsonl(path: Path) -> list[dict]:
+    """One dict per line of a JSON-lines file; [] if absent; a bad line named by its number."""
     if not path.is_file():
         return []
     records = []
@@ -225,18 +224,14 @@ def read_predictions(run_dir: Path) -> list[dict]:
     return records
 
 
+def read_predictions(run_dir: Path) -> list[dict]:
+    """predictions.jsonl: the run's scored answers to held-out rows; [] if absent."""
+    return _read_jsonl(Path(run_dir) / PREDICTIONS)
+
+
 def read_metrics_log(run_dir: Path) -> list[dict]:
     """metrics.jsonl: one dict per logging step (train and eval logs); [] if absent."""
-    path = Path(run_dir) / METRICS_LOG
-    if not path.is_file():
-        return []
-    steps = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            steps.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{path} line {number}: not valid JSON ({err})") from err
-    return steps
+    return _read_jsonl(Path(run_dir) / METRICS_LOG)
 
 
 def read_overrides(run_dir: Path) -> list[str]:
