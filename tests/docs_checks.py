@@ -65,7 +65,7 @@ def check_mlflow_sweep(folder: Path, sweep: Path) -> None:
         assert child.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"summary.md", "plots"}
     # convobot compare reads the same runs back from the store: LoRA vs full, as from the sweep dir.
-    from_store = compare.load_mlflow_runs(client.tracking_uri, parent=parents[0].info.run_id)
+    from_store, evaluations = compare.load_mlflow(client.tracking_uri, parent=parents[0].info.run_id)
     from_dirs = compare.load_runs([sweep])
     assert sorted(r.label for r in from_store) == sorted(r.label for r in from_dirs) == ["peft=full", "peft=lora"]
     assert sorted(r.row()["eval_loss"] for r in from_store) == sorted(r.row()["eval_loss"] for r in from_dirs)
@@ -136,6 +136,10 @@ def check_evaluation_page(folder: Path, outputs: list[str]) -> None:
     harness = json.loads((folder / "eval" / "harness.json").read_text())["harness"]
     assert len(harness["samples"]["convobot_tasks"]) == 20
     assert 0 <= harness["results"]["convobot_tasks"]["exact_match,strip"] <= 1 and "lm-evaluation-harness" in outputs[1]
+    # The evaluation logged to MLflow and read back by compare: perplexity, answer scores and harness results.
+    report = (folder / "reports" / "evaluations" / "report.md").read_text()
+    assert "## Evaluations" in report and "| eval smoke | " in report and "exact_match,strip" in report
+    assert "## Answers side by side" in report and (folder / "reports" / "evaluations" / "answers.html").is_file()
 
 
 CHECKS = {"sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}

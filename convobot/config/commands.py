@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from convobot.config.training import Check, DataConfig, Device
+from convobot.config.training import Check, DataConfig, Device, LoggerConfig
 
 
 @dataclass
@@ -108,6 +108,8 @@ class EvalConfig:
     predictions_dir: Optional[str] = None
     # lm-evaluation-harness on a merged bundle (model=BUNDLE): harness.tasks=[convobot_tasks,...].
     harness: HarnessConfig = field(default_factory=HarnessConfig)
+    # The evaluation as a tracker run of its own (logger=mlflow|tensorboard|wandb, conf/logger/).
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def checks(self) -> list[Check]:
         return (self.data.checks() if self.data is not None else []) + [

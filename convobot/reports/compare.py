@@ -11,7 +11,8 @@ their answers' scores (BLEU, chrF, ROUGE-L) to the table, answers_vs_params.png,
 side: the first held-out prompts in report.md, all of them in answers.html. Arguments are run dirs (holding
 metrics.json) or folders of them; a sweep's job that never finished is listed as incomplete.
 Run dirs are positional paths (not Hydra key=value): sweep job dirs have "=" in their names.
-`--mlflow URI` reads the runs back from an MLflow store instead (logger=mlflow), `--parent RUN_ID` one sweep's:
+`--mlflow URI` reads the runs back from an MLflow store instead (logger=mlflow), `--parent RUN_ID` one sweep's;
+evaluations logged there by `convobot eval ... logger=mlflow` get a table of their own, their answers side by side:
 
     convobot compare --mlflow sqlite:///outputs/mlflow.db --out reports/mlflow
 """
@@ -128,37 +129,64 @@ def load_runs(paths) -> list[ComparedRun]:
     return labelled([load_run(d) for d in dirs])
 
 
-def load_mlflow_runs(tracking_uri: str, experiment: str = "convobot", parent: str | None = None) -> list[ComparedRun]:
-    """The runs convobot logged to an MLflow store (all of `experiment`, or the child runs of the sweep run
-    `parent`), from the metrics.json, metrics.jsonl and predictions.jsonl each one logged as artifacts."""
+@dataclass
+class Evaluation:
+    """One `convobot eval` logged to a tracker: what it scored, on which rows, each model's scores and answers."""
+
+    name: str
+    evaluated: str
+    report: dict
+    answers: dict[str, list[dict]]
+
+    def answering(self) -> list[ComparedRun]:
+        """Each model that answered, shaped as a run for the answers side by side."""
+        return [ComparedRun(Path(self.evaluated), [], None, answers=records, label=f"{self.name}: {label}")
+                for label, records in self.answers.items()]
+
+
+def load_mlflow(tracking_uri: str, experiment: str = "convobot",
+                parent: str | None = None) -> tuple[list[ComparedRun], list[Evaluation]]:
+    """The training runs and evaluations convobot logged to an MLflow store (all of `experiment`, or the child runs
+    of the sweep run `parent`), from the files each one logged as artifacts: metrics.json, metrics.jsonl and
+    predictions.jsonl of a run; eval_report.json and predictions-<model>.jsonl of an evaluation."""
     import json
     import tempfile
 
     from mlflow.tracking import MlflowClient
+
+    from convobot.runs.tracking import EVAL_REPORT
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise CompareError(f"{tracking_uri}: no MLflow experiment named {experiment!r}")
     query = f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
-    runs = []
+    runs, evaluations = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for logged in client.search_runs([found.experiment_id], query, order_by=["attributes.start_time ASC"]):
-            if "convobot.run_dir" not in logged.data.tags:  # a sweep's parent run
+            tags = logged.data.tags
+            if "convobot.run_dir" not in tags and tags.get("convobot.kind") != "eval":  # a sweep's parent run
                 continue
             names = {artifact.path for artifact in client.list_artifacts(logged.info.run_id)}
             local = Path(tmp) / logged.info.run_id
             local.mkdir()
-            for name in {rundir.METRICS, rundir.METRICS_LOG, rundir.PREDICTIONS} & names:
+            for name in names & {rundir.METRICS, rundir.METRICS_LOG, rundir.PREDICTIONS, EVAL_REPORT} | \
+                    {n for n in names if n.startswith("predictions-") and n.endswith(".jsonl")}:
                 client.download_artifacts(logged.info.run_id, name, str(local))
+            if tags.get("convobot.kind") == "eval":
+                if (local / EVAL_REPORT).is_file():
+                    evaluations.append(Evaluation(
+                        logged.info.run_name, tags["convobot.evaluated"], json.loads((local / EVAL_REPORT).read_text()),
+                        {path.stem.removeprefix("predictions-"): rundir.read_predictions(local, path.name)
+                         for path in sorted(local.glob("predictions-*.jsonl"))}))
+                continue
             metrics = json.loads((local / rundir.METRICS).read_text()) if (local / rundir.METRICS).is_file() else None
-            runs.append(ComparedRun(Path(logged.data.tags["convobot.run_dir"]),
-                                    logged.data.tags.get("overrides", "").split(), metrics,
+            runs.append(ComparedRun(Path(tags["convobot.run_dir"]), tags.get("overrides", "").split(), metrics,
                                     rundir.read_metrics_log(local), rundir.read_predictions(local)))
-    if not runs:
+    if not runs and not evaluations:
         raise CompareError(f"{tracking_uri}: no convobot runs in experiment {experiment!r}"
                            + (f" under parent run {parent}" if parent else ""))
-    return labelled(runs)
+    return labelled(runs) if runs else [], evaluations
 
 
 def labelled(runs: list[ComparedRun]) -> list[ComparedRun]:
@@ -404,15 +432,42 @@ def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- the report
 
 
-def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, title: str) -> Path:
-    """<out_dir>/<markdown_name>, summary.csv, plots/*.png and, where runs answered held-out prompts,
-    answers.html. Returns the markdown path."""
+def evaluations_markdown(evaluations: list[Evaluation]) -> list[str]:
+    """Each evaluation's models with their perplexities and answer scores; harness results below them."""
+    lines = ["## Evaluations", "", "Logged by `convobot eval`: perplexity of the held-out rows and, where the models "
+             "answered them, the answers' scores (0-100).", "",
+             "| evaluation | data | model | perplexity | response perplexity | BLEU | chrF | ROUGE-L | exact match |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    harness = []
+    for evaluation in evaluations:
+        for label, scores in evaluation.report["models"].items():
+            answers = scores.get("generation", {})
+            cells = [f"{scores[kind]['perplexity']:.3f}" for kind in ("full", "response")]
+            cells += [f"{answers[name]:.1f}" if name in answers else "-" for name in (*ANSWER_COLUMNS, "exact_match")]
+            lines.append(f"| {_inline(evaluation.name, 60)} | {_inline(evaluation.report['data'], 60)} | {label} | "
+                         + " | ".join(cells) + " |")
+        for task, values in evaluation.report.get("harness", {}).get("results", {}).items():
+            harness += [f"| {_inline(evaluation.name, 60)} | {task} | {key} | {value:.4f} |"
+                        for key, value in values.items()
+                        if isinstance(value, (int, float)) and "_stderr" not in key and key != "sample_len"]
+    if harness:
+        lines += ["", "lm-evaluation-harness:", "", "| evaluation | task | metric | value |", "|---|---|---|---:|",
+                  *harness]
+    return lines + [""]
+
+
+def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, title: str,
+                 evaluations: list[Evaluation] = ()) -> Path:
+    """<out_dir>/<markdown_name>, summary.csv, plots/*.png and, where runs or evaluated models answered held-out
+    prompts, answers.html. Returns the markdown path."""
     out_dir = Path(out_dir)
     plots = write_plots(runs, out_dir / "plots")
     finished = [r for r in runs if r.finished]
-    lines = [f"# {title}", "", f"{len(finished)} of {len(runs)} runs finished. "
-             "Peak memory is CUDA max allocated on GPU, the process's peak RSS on CPU.", "",
-             markdown_table(runs), ""]
+    lines = [f"# {title}", ""]
+    if runs:
+        lines += [f"{len(finished)} of {len(runs)} runs finished. "
+                  "Peak memory is CUDA max allocated on GPU, the process's peak RSS on CPU.", "",
+                  markdown_table(runs), ""]
     if any(r.metrics.get("device") == "cpu" for r in finished):
         lines += ["A process's peak RSS never goes down: jobs run one after another in one process (a multirun "
                   "with the basic launcher) report at least the peaks of the jobs before them.", ""]
@@ -429,7 +484,9 @@ def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, tit
     }
     for plot in plots:
         lines += [f"![{captions[plot.stem]}](plots/{plot.name})", ""]
-    answering, rows = answer_rows(finished)
+    if evaluations:
+        lines += evaluations_markdown(evaluations)
+    answering, rows = answer_rows(finished + [model for e in evaluations for model in e.answering()])
     if rows:
         lines += answers_markdown(answering, rows)
         atomic.write_text(out_dir / "answers.html", answers_html(title, answering, rows))
@@ -443,12 +500,14 @@ def compare(paths, out_dir: Path, title: str = "convobot run comparison", overwr
     return report_on(load_runs(paths), ", ".join(map(str, paths)), out_dir, title, overwrite)
 
 
-def report_on(runs: list[ComparedRun], origin: str, out_dir: Path, title: str, overwrite: bool) -> Path:
-    """Report over loaded runs (from `origin`: their dirs or a tracking store) into a fresh `out_dir`."""
-    if not any(r.finished for r in runs):
+def report_on(runs: list[ComparedRun], origin: str, out_dir: Path, title: str, overwrite: bool,
+              evaluations: list[Evaluation] = ()) -> Path:
+    """Report over loaded runs and evaluations (from `origin`: their dirs or a tracking store) into a fresh
+    `out_dir`."""
+    if not evaluations and not any(r.finished for r in runs):
         raise CompareError(f"none of the {len(runs)} runs under {origin} finished")
     with atomic.directory(out_dir, overwrite=overwrite) as tmp:
-        write_report(runs, tmp, "report.md", title)
+        write_report(runs, tmp, "report.md", title, evaluations)
     return Path(out_dir) / "report.md"
 
 
@@ -471,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give run dirs / sweep dirs, or --mlflow URI")
     with one_line_errors("convobot-compare"):
         if args.mlflow:
-            runs = load_mlflow_runs(args.mlflow, args.experiment, args.parent)
-            report = report_on(runs, args.mlflow, out, args.title, args.overwrite)
+            runs, evaluations = load_mlflow(args.mlflow, args.experiment, args.parent)
+            report = report_on(runs, args.mlflow, out, args.title, args.overwrite, evaluations)
         else:
             report = compare(args.paths, out, args.title, args.overwrite)
     print(report.read_text())

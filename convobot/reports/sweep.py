@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from convobot import atomic
 from convobot.errors import CompareError
 from convobot.reports import compare
-from convobot.training import tracking
+from convobot.runs import tracking
 
 log = logging.getLogger(__name__)
 

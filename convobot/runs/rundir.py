@@ -224,9 +224,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def read_predictions(run_dir: Path) -> list[dict]:
-    """predictions.jsonl: the run's scored answers to held-out rows; [] if absent."""
-    return _read_jsonl(Path(run_dir) / PREDICTIONS)
+def read_predictions(run_dir: Path, name: str = PREDICTIONS) -> list[dict]:
+    """predictions.jsonl (or another file of scored answers): answers to held-out rows; [] if absent."""
+    return _read_jsonl(Path(run_dir) / name)
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:

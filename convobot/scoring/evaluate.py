@@ -7,6 +7,7 @@ Examples:
     convobot eval run_dir=outputs/demo model=outputs/demo/release compare=[base,merged]   # merged = the bundle
     convobot eval model=outputs/demo/release data=local data.path=rows.jsonl rows=all sliding.stride=64
     convobot eval run_dir=outputs/demo compare=[base,adapter] generate=true output=eval/report.json
+    convobot eval run_dir=outputs/demo compare=[base,adapter] generate=true logger=mlflow     # + a tracker run
 
 Perplexity is exp(sum of token NLL / number of scored tokens), so it does not depend on batching
 (convobot/scoring.py). What is scored is named by position, never by pad id: GPT-2's pad is its EOS, and
@@ -18,10 +19,14 @@ merge_report.json).
 With `generate=true` each model also answers the rows (greedy, `max_new_tokens`, prompts cut from the left to fit
 the context) and the answers are scored against the references (answer_scores.py: BLEU, chrF, ROUGE, exact match);
 each model's answers go to <predictions_dir or output's folder>/predictions-<model>.jsonl.
+
+With `logger=mlflow|tensorboard|wandb` the evaluation is a tracker run of its own (runs/tracking.py): the scores as
+metrics, the report and the answers as files, read back by `convobot compare --mlflow`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,13 +38,13 @@ from rich.table import Table
 
 from convobot import atomic
 from convobot.cli import run_command
-from convobot.config import COMMANDS_CONF_DIR, Device, EvalConfig, EvalRows, PeftMethod
+from convobot.config import COMMANDS_CONF_DIR, Device, EvalConfig, EvalRows, PeftMethod, flatten, to_container
 from convobot.data.examples import to_examples
 from convobot.data.load import load_rows, split_rows
 from convobot.errors import ConfigError, ModelPathError, VerificationError
 from convobot.model.base import context_length, fit_context, resolve_device
 from convobot.model.tokenizer import load_tokenizer
-from convobot.runs import bundle
+from convobot.runs import bundle, tracking
 from convobot.runs.loading import load_base, load_model, load_trained, run_behind
 from convobot.runs.rundir import HELDOUT, RunDir, open_run
 from convobot.scoring import perplexity
@@ -111,6 +116,12 @@ def predictions_dir(cfg: EvalConfig) -> Path | None:
     return Path(cfg.output).parent if cfg.output else None
 
 
+def tracker_dir(cfg: EvalConfig) -> Path:
+    """Where a tracker writes locally (TensorBoard events, W&B's offline run): beside the answers, else a folder
+    of its own in outputs/eval/."""
+    return predictions_dir(cfg) or Path("outputs/eval") / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def models_to_score(cfg: EvalConfig, run: RunDir | None):
     """(label, loader) pairs; each model is loaded only when its turn comes, to hold one at a time."""
     if not cfg.compare:
@@ -143,16 +154,20 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
         require_harness_extra()
     run = find_run(cfg)
     heldout = held_out(cfg, run)
+    evaluated = cfg.model or cfg.run_dir
+    # Reached before any model is loaded: an unusable tracker fails now.
+    tracker = tracking.open_tracking(cfg.logger, tracker_dir(cfg), run_name=f"eval {Path(evaluated).name}")
     report = {"data": heldout.source, "rows": len(heldout.pairs), "models": {}}
     folder = predictions_dir(cfg) if cfg.generate else None
+    predictions = {}
     for label, load in models_to_score(cfg, run):
         model, tokenizer = load()
         report["models"][label] = score(model, tokenizer, heldout, cfg)
         if cfg.generate:
-            report["models"][label]["generation"], records = answered_and_scored(
+            report["models"][label]["generation"], predictions[label] = answered_and_scored(
                 model, tokenizer, heldout.pairs.to_list(), cfg.max_new_tokens, cfg.generate_batch_size)
             if folder is not None:
-                atomic.write_jsonl(folder / f"predictions-{label}.jsonl", records)
+                atomic.write_jsonl(folder / f"predictions-{label}.jsonl", predictions[label])
         del model
     if {"adapter", "merged"} <= report["models"].keys():
         report["adapter_vs_merged"] = check_same_perplexity(report["models"]["adapter"], report["models"]["merged"],
@@ -166,6 +181,7 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> dict:
         print_harness(report["harness"], console)
     if cfg.output:
         atomic.write_json(Path(cfg.output), report)
+    tracking.log_evaluation(tracker, flatten(to_container(cfg)), evaluated, report, predictions)
     return report
 
 

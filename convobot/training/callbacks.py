@@ -1,4 +1,4 @@
-"""Trainer callbacks: a progress bar that shows loss and tokens/s, and metrics.jsonl."""
+"""Trainer callbacks: a progress bar that shows loss and tokens/s, metrics.jsonl, and step metrics to a tracker."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+
+from convobot.runs.tracking import Tracking, numeric
 
 
 class LossAndThroughputProgress(ProgressCallback):
@@ -51,3 +53,15 @@ class MetricsJsonl(TrainerCallback):
                   "time": time.time(), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class TrackingCallback(TrainerCallback):
+    """Every logging step's numbers (train loss, learning rate, eval loss, ...) to the tracker, from rank 0."""
+
+    def __init__(self, tracking: Tracking):
+        self.tracking = tracking
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            metrics = numeric(logs) | {"tokens_seen": float(state.num_input_tokens_seen)}
+            self.tracking.safely("log step metrics", self.tracking.log_metrics, metrics, state.global_step)

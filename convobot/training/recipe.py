@@ -54,14 +54,14 @@ from convobot.model.optim import OptimizerChoice, describe_optimizer, resolve_op
 from convobot.model.quantize import load_quantized_base
 from convobot.model.tokenizer import load_tokenizer
 from convobot.plan import check_fits
-from convobot.runs import rundir
+from convobot.runs import rundir, tracking
 from convobot.scoring.answer_scores import answered_and_scored, require_eval_extra
 from convobot.scoring.generate import Answers, answer
 from convobot.scoring.measure import peak_memory_bytes, versions
 from convobot.scoring.perplexity import perplexities
 from convobot.template import answer_of
-from convobot.training import distributed, resume, tracking
-from convobot.training.callbacks import LossAndThroughputProgress, MetricsJsonl
+from convobot.training import distributed, resume
+from convobot.training.callbacks import LossAndThroughputProgress, MetricsJsonl, TrackingCallback
 from convobot.training.results import print_results
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     if cfg.report.generate_metrics:
         require_eval_extra()  # before training, not after it
     # The tracker is reached before any work too: an unusable one fails now, not after training.
-    tracker = tracking.open_tracking(cfg, run_dir, sweep_dir) if distributed.rank() == 0 else None
+    tracker = tracking.open_tracking(cfg.logger, run_dir, sweep_dir) if distributed.rank() == 0 else None
     if checkpoint is None and distributed.rank() == 0:
         # resume=auto found nothing to continue: what is there is an earlier attempt of this run (SLURM requeue).
         rundir.start_fresh(run_dir, overwrite=cfg.overwrite or cfg.resume == "auto")
@@ -300,7 +300,7 @@ def job_callbacks(cfg: TrainConfig, run_dir: Path, tracker) -> list[TrainerCallb
     if cfg.train.log_samples:
         found.append(distributed.SampleLog(run_dir / rundir.SAMPLES))
     if tracker is not None:
-        found.append(tracking.TrackingCallback(tracker))
+        found.append(TrackingCallback(tracker))
     return found
 
 

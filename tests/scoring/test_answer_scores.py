@@ -1,4 +1,5 @@
-"""Answers scored against references (sacrebleu, rouge-score, exact match), and `convobot eval generate=true`."""
+"""Answers scored against references (sacrebleu, rouge-score, exact match), and `convobot eval generate=true` with
+its results in a tracker, read back by compare."""
 
 import io
 import json
@@ -6,7 +7,9 @@ import json
 import pytest
 from rich.console import Console
 
-from convobot.config import EvalConfig, SlidingConfig
+from convobot.config import EvalConfig, LoggerConfig, SlidingConfig, Tracker
+from convobot.reports import compare
+from convobot.runs.tracking import evaluation_metrics
 from convobot.scoring.answer_scores import METRICS, score_answers
 from convobot.scoring.evaluate import evaluate
 
@@ -31,9 +34,13 @@ def test_partial_answers_score_between_and_a_row_scores_on_its_own():
 
 
 def test_eval_answers_the_held_out_rows_and_merging_changes_no_answer(smoke_release, tmp_path):
+    pytest.importorskip("mlflow")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = LoggerConfig(name=Tracker.mlflow, tracking_uri=store, artifact_location=(tmp_path / "art").as_uri())
     report = evaluate(EvalConfig(run_dir=str(smoke_release.run_dir), model=str(smoke_release.release),
                                  compare=["adapter", "merged"], generate=True, max_new_tokens=8, max_rows=6,
-                                 sliding=SlidingConfig(enabled=False), output=str(tmp_path / "eval" / "report.json")),
+                                 sliding=SlidingConfig(enabled=False), output=str(tmp_path / "eval" / "report.json"),
+                                 logger=logger),
                       console=Console(file=io.StringIO()))
     written = {label: [json.loads(line) for line in (tmp_path / "eval" / f"predictions-{label}.jsonl").open()]
                for label in ("adapter", "merged")}
@@ -46,3 +53,30 @@ def test_eval_answers_the_held_out_rows_and_merging_changes_no_answer(smoke_rele
         assert generation["exact_match"] == pytest.approx(sum(r["exact_match"] for r in records) / 6)
     # Greedy answers of the adapter and of the bundle merged from it are the same text.
     assert [r["answer"] for r in written["adapter"]] == [r["answer"] for r in written["merged"]]
+
+    # The evaluation is a tracker run of its own; compare reads back its scores and answers.
+    runs, (logged,) = compare.load_mlflow(store)
+    assert runs == [] and logged.evaluated == str(smoke_release.release)
+    assert logged.report == json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert logged.answers == written
+    from mlflow.tracking import MlflowClient
+
+    (tracked,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("convobot").experiment_id])
+    assert tracked.data.metrics["merged.generation.rougeL"] == pytest.approx(report["models"]["merged"]["generation"]
+                                                                            ["rougeL"])
+    assert tracked.data.metrics["adapter.full.perplexity"] == pytest.approx(report["models"]["adapter"]["full"]
+                                                                           ["perplexity"])
+    assert tracked.data.params["generate"] == "True" and tracked.data.tags["convobot.kind"] == "eval"
+    text = compare.report_on(runs, store, tmp_path / "compared", "evaluations", False, [logged]).read_text()
+    assert "## Evaluations" in text and "## Answers side by side" in text
+    assert f"| {logged.name} | " in text and f"{report['models']['merged']['full']['perplexity']:.3f}" in text
+    assert (tmp_path / "compared" / "answers.html").is_file()
+
+
+def test_harness_results_become_tracker_metrics_named_without_commas():
+    report = {"models": {"bundle": {"full": {"perplexity": 3.5, "tokens": 10}, "max_length": 256}},
+              "harness": {"results": {"convobot_tasks": {"alias": "convobot_tasks", "exact_match,none": 0.25,
+                                                         "exact_match_stderr,none": 0.1, "acc,strict": 0.5}}}}
+    assert evaluation_metrics(report) == {
+        "bundle.full.perplexity": 3.5, "bundle.full.tokens": 10.0, "harness.convobot_tasks.exact_match": 0.25,
+        "harness.convobot_tasks.exact_match_stderr": 0.1, "harness.convobot_tasks.acc/strict": 0.5}

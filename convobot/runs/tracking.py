@@ -4,6 +4,7 @@
     convobot train -m logger=mlflow peft=lora,full     # a parent run for the sweep, a child run per job
     convobot train logger=tensorboard                  # <run dir>/tensorboard
     convobot train logger=wandb                        # offline: <run dir>/wandb
+    convobot eval run_dir=outputs/demo generate=true logger=mlflow     # an evaluation as a run of its own
 
 Each tracker gets the composed config flattened into params (`peft.method`, `optim.lr`, ...), the Hydra overrides
 as tags, every logging step's metrics (what metrics.jsonl holds), the final metrics.json values, and the run's
@@ -11,6 +12,10 @@ config.yaml, metrics.json and metrics.jsonl as files. This is glue over each too
 Trainer's integrations, which log TrainingArguments instead of the composed config, close their run before the
 held-out scores exist, and know no sweep. A tracker that cannot be used is a ConfigError before training starts;
 one that fails during the run is warned about once and dropped: the run dir still has everything.
+
+`convobot eval` logs one tracker run per evaluation, tagged `convobot.kind=eval`: each model's scores as metrics
+(`adapter.full.perplexity`, `merged.generation.rougeL`, `harness.convobot_tasks.exact_match`), the report as
+eval_report.json and each model's answers as predictions-<model>.jsonl; `convobot compare --mlflow` reads them back.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from convobot import atomic
 from convobot.config import LoggerConfig, Tracker, TrainConfig, flatten, to_container
@@ -49,8 +53,9 @@ def default_store() -> Path:
 class Tracking:
     """One tracker for one run; every call after a failure is a no-op (the run goes on)."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, sweep_dir: Path | None):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, sweep_dir: Path | None, name: str | None = None):
         self.cfg, self.run_dir, self.sweep_dir = cfg, Path(run_dir), sweep_dir
+        self.name = name or self.run_dir.name
         self.broken = False
 
     # --- the per-tool parts
@@ -79,8 +84,8 @@ class Tracking:
 
 
 class MLflowTracking(Tracking):
-    def __init__(self, cfg, run_dir, sweep_dir):
-        super().__init__(cfg, run_dir, sweep_dir)
+    def __init__(self, cfg, run_dir, sweep_dir, name=None):
+        super().__init__(cfg, run_dir, sweep_dir, name)
         self.uri = cfg.tracking_uri or f"sqlite:///{default_store() / 'mlflow.db'}"
         self.artifacts = cfg.artifact_location or (default_store() / "mlflow-artifacts").as_uri()
 
@@ -121,7 +126,7 @@ class MLflowTracking(Tracking):
     def start(self, params, tags):
         parent = self.parent_run()
         tags = tags | ({"mlflow.parentRunId": parent} if parent else {})
-        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_dir.name, tags=tags).info.run_id
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.name, tags=tags).info.run_id
         from mlflow.entities import Param
 
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
@@ -172,7 +177,7 @@ class WandbTracking(Tracking):
         import wandb
 
         self.run = wandb.init(project=self.cfg.experiment, dir=str(self.run_dir), mode=self.cfg.mode,
-                              name=self.run_dir.name, config=params,
+                              name=self.name, config=params,
                               group=self.sweep_dir.name if self.sweep_dir else None,
                               tags=[tag[:64] for tag in tags.get("overrides", "").split()][:20])
 
@@ -190,14 +195,16 @@ class WandbTracking(Tracking):
 TRACKERS = {Tracker.mlflow: MLflowTracking, Tracker.tensorboard: TensorBoardTracking, Tracker.wandb: WandbTracking}
 
 
-def open_tracking(cfg: TrainConfig, run_dir: Path, sweep_dir: Path | None = None) -> Tracking | None:
-    """The configured tracker, checked (package installed, store reachable), or None for logger=none."""
-    name = cfg.logger.name
+def open_tracking(cfg: LoggerConfig, run_dir: Path, sweep_dir: Path | None = None,
+                  run_name: str | None = None) -> Tracking | None:
+    """The configured tracker, checked (package installed, store reachable), or None for logger=none. `run_dir`
+    holds what TensorBoard and W&B write locally and, without `run_name`, names the tracker's run."""
+    name = cfg.name
     if name == Tracker.none:
         return None
     if importlib.util.find_spec(PACKAGES[name]) is None:
         raise MissingExtraError(f"logger={name.value} needs {PACKAGES[name]}: pip install 'convobot[track]'")
-    tracking = TRACKERS[name](cfg.logger, run_dir, sweep_dir)
+    tracking = TRACKERS[name](cfg, run_dir, sweep_dir, run_name)
     tracking.check()
     return tracking
 
@@ -221,16 +228,37 @@ def end(tracking: Tracking | None, results: dict, run_dir: Path) -> None:
     tracking.safely("log the results", tracking.finish, numeric(results), files)
 
 
-class TrackingCallback(TrainerCallback):
-    """Every logging step's numbers (train loss, learning rate, eval loss, ...) to the tracker, from rank 0."""
+EVAL_REPORT = "eval_report.json"  # an evaluation's report, as an artifact of its tracker run
 
-    def __init__(self, tracking: Tracking):
-        self.tracking = tracking
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            metrics = numeric(logs) | {"tokens_seen": float(state.num_input_tokens_seen)}
-            self.tracking.safely("log step metrics", self.tracking.log_metrics, metrics, state.global_step)
+def evaluation_metrics(report: dict) -> dict[str, float]:
+    """convobot eval's numbers as tracker metrics: `<model>.<measure>...` and `harness.<task>.<metric>` (the
+    harness's "metric,filter" keys become metric/filter: MLflow takes no commas in names)."""
+    metrics = numeric({label: {key: value for key, value in scores.items() if key != "max_length"}
+                       for label, scores in report["models"].items()})
+    for task, values in report.get("harness", {}).get("results", {}).items():
+        for key, value in values.items():
+            name, _, kind = key.partition(",")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"harness.{task}.{name}" + ("" if kind in ("", "none") else f"/{kind}")] = float(value)
+    return metrics
+
+
+def log_evaluation(tracking: Tracking | None, params: dict, evaluated: str, report: dict,
+                   predictions: dict[str, list[dict]]) -> None:
+    """One evaluation as a tracker run of its own: the command's config as params, the scores as metrics, the
+    report and each model's answers as files."""
+    if tracking is None:
+        return
+    tags = {"convobot.kind": "eval", "convobot.evaluated": evaluated, "convobot.data": report["data"]}
+    tracking.safely("start the run", tracking.start, params, tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / EVAL_REPORT]
+        atomic.write_json(files[0], report)
+        for label, records in predictions.items():
+            files.append(Path(tmp) / f"predictions-{label}.jsonl")
+            atomic.write_jsonl(files[-1], records)
+        tracking.safely("log the results", tracking.finish, evaluation_metrics(report), files)
 
 
 def close_sweep(sweep_dir: Path, files: list[Path]) -> None:
