@@ -1,6 +1,6 @@
 """Configs: the typed schemas Hydra's composed configs are checked against, and the checking.
 
-    training.py     conf/train.yaml and its groups (model, data, peft, optim, hardware, train, report, logger)
+    training.py     conf/train.yaml and its groups (model, data, peft, optim, hardware, stage, train, report, logger)
     commands.py     conf/commands/*.yaml: merge, eval, export-onnx, export-gguf, chat, serve
     validation.py   compose with Hydra, validate onto a schema (one line naming the key), flatten
 
@@ -21,6 +21,9 @@ from convobot.config.commands import (
                                       SlidingConfig,
 )
 from convobot.config.training import (
+                                      CONVERSATION_FORMATS,
+                                      PREFERENCE_FORMATS,
+                                      STAGE_FORMATS,
                                       BadRowPolicy,
                                       DataConfig,
                                       DataFormat,
@@ -36,6 +39,8 @@ from convobot.config.training import (
                                       PeftMethod,
                                       Precision,
                                       ReportConfig,
+                                      Stage,
+                                      StageConfig,
                                       Tracker,
                                       TrainConfig,
                                       TrainLoopConfig,
@@ -51,7 +56,8 @@ from convobot.config.validation import (
 )
 
 __all__ = [
-    "BadRowPolicy", "COMMANDS_CONF_DIR", "COMMAND_SCHEMAS", "CONF_DIR", "ChatConfig", "DataConfig", "DataFormat",
+    "BadRowPolicy", "CONVERSATION_FORMATS", "PREFERENCE_FORMATS", "STAGE_FORMATS", "Stage", "StageConfig",
+    "COMMANDS_CONF_DIR", "COMMAND_SCHEMAS", "CONF_DIR", "ChatConfig", "DataConfig", "DataFormat",
     "DataSource", "Device", "EvalConfig", "EvalRows", "ExportConfig", "GGUFConfig", "GenerationOptions",
     "HardwareConfig", "HarnessConfig", "LoggerConfig", "LossHead", "MergeConfig", "ModelConfig", "ModelSource", "OptimConfig",
     "PeftConfig", "PeftMethod", "Precision", "ReportConfig", "ServeConfig", "SlidingConfig", "Tracker", "TrainConfig",

@@ -17,6 +17,7 @@ class ModelSource(str, Enum):
     hub = "hub"  # a model id on the Hugging Face Hub, or a local save_pretrained folder
     bundled = "bundled"  # the small GPT-2 pretrained by convobot.training.pretrain, shipped in the package (offline default)
     random = "random"  # a small GPT-2 built from a GPT2Config with random init (model=tiny_random)
+    run = "run"  # what an earlier run computes (init_from), saved in this run dir as base_model/
 
 
 class DataSource(str, Enum):
@@ -29,6 +30,30 @@ class DataFormat(str, Enum):
     alpaca = "alpaca"  # instruction / input / output columns, the Alpaca prompt
     messages = "messages"  # OpenAI-style {"messages": [{"role", "content"}, ...]}, the chat template
     sharegpt = "sharegpt"  # {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}
+    preference = "preference"  # a prompt with a chosen and a rejected answer (DPO, ORPO, KTO): data/preferences.py
+    unpaired = "unpaired"  # a prompt, one completion and a label: desirable or not (KTO)
+
+
+CONVERSATION_FORMATS = (DataFormat.messages, DataFormat.sharegpt)
+PREFERENCE_FORMATS = (DataFormat.preference, DataFormat.unpaired)
+
+
+class Stage(str, Enum):
+    sft = "sft"  # supervised fine-tuning on instruction rows (TRL's SFTTrainer)
+    dpo = "dpo"  # direct preference optimisation on chosen/rejected pairs (DPOTrainer)
+    orpo = "orpo"  # odds-ratio preference optimisation: SFT and preference in one loss, no reference (ORPOTrainer)
+    kto = "kto"  # Kahneman-Tversky optimisation on answers labelled desirable or not (KTOTrainer)
+    grpo = "grpo"  # group relative policy optimisation: sampled answers rewarded by exact match (GRPOTrainer)
+
+
+# The data formats each stage trains on.
+STAGE_FORMATS = {
+    Stage.sft: (DataFormat.alpaca, *CONVERSATION_FORMATS),
+    Stage.dpo: (DataFormat.preference,),
+    Stage.orpo: (DataFormat.preference,),
+    Stage.kto: PREFERENCE_FORMATS,
+    Stage.grpo: (DataFormat.alpaca, *CONVERSATION_FORMATS),
+}
 
 
 class PeftMethod(str, Enum):
@@ -207,6 +232,8 @@ class TrainLoopConfig:
     ddp_backend: Optional[str] = None
     # Each rank appends the hash and token count of every sample it trains on to samples/rank<N>.jsonl.
     log_samples: bool = False
+    # NEFTune: uniform noise of this scale (alpha / sqrt(length * width)) on the input embeddings while training.
+    neftune_alpha: Optional[float] = None
 
 
 @dataclass
@@ -246,6 +273,26 @@ class LoggerConfig:
 
 
 @dataclass
+class StageConfig:
+    """The training objective (conf/stage/): SFT, or a preference / reward stage through TRL's trainer for it."""
+    name: Stage = Stage.sft
+    # DPO, KTO, GRPO: the KL weight that holds the policy near the reference; ORPO: the odds-ratio loss's weight.
+    beta: float = 0.1
+    # TRL's loss_type for the stage (DPO: sigmoid, ipo, hinge, ...; KTO: kto, apo_zero_unpaired; GRPO: dapo, grpo,
+    # dr_grpo, ...); null: TRL's default.
+    loss_type: Optional[str] = None
+    # DPO, KTO: the reference's log-probabilities computed once before training instead of at every step.
+    precompute_ref_log_probs: bool = False
+    # KTO: the weights of desirable and undesirable answers' losses (raise the rarer kind's).
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # GRPO: answers sampled per prompt, their tokens and temperature; the reward is exact match with the reference.
+    num_generations: int = 4
+    max_completion_length: int = 32
+    temperature: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -255,6 +302,10 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    # A finished run dir to start from (SFT, then DPO on top): the model it computes (its adapter merged) becomes
+    # this run's base, saved in the run dir; model=... is then that run's.
+    init_from: Optional[str] = None
     seed: int = 0
     # false | true (newest checkpoint in this run dir, else an error) | auto (the same, else start fresh)
     # | a run dir or checkpoint-N path. See convobot/resume.py.
@@ -286,5 +337,25 @@ class TrainConfig:
              "must be true, false, auto, or a run dir / checkpoint path"),
             ("report.max_new_tokens", self.report.max_new_tokens > 0, "must be > 0"),
             ("report.generate_rows", self.report.generate_rows > 0, "must be > 0"),
+            ("train.neftune_alpha", loop.neftune_alpha is None or loop.neftune_alpha > 0, "must be > 0, or null"),
+            *self.stage_checks(),
+        ]
+
+    def stage_checks(self) -> list[Check]:
+        stage, formats = self.stage, STAGE_FORMATS[self.stage.name]
+        generations = self.hardware.batch_size * self.hardware.grad_accum
+        return [
+            ("data.format", self.data.format in formats,
+             f"stage={stage.name.value} trains on data.format {'|'.join(f.value for f in formats)}, got "
+             f"{self.data.format.value}" + (" (data=bundled_preferences is the offline preference data)"
+                                            if DataFormat.preference in formats else "")),
+            ("train.packing", stage.name == Stage.sft or not self.train.packing, "is for stage=sft only"),
+            ("stage.beta", stage.beta >= 0, "must be >= 0"),
+            ("stage.num_generations", stage.num_generations > 1, "must be > 1: GRPO compares answers to one prompt"),
+            ("stage.max_completion_length", stage.max_completion_length > 0, "must be > 0"),
+            ("hardware.batch_size", stage.name != Stage.grpo or generations % stage.num_generations == 0,
+             f"times hardware.grad_accum ({generations}) must be a multiple of stage.num_generations "
+             f"({stage.num_generations}): GRPO samples each prompt's answers in one batch"),
+            ("init_from", self.init_from is None or bool(str(self.init_from).strip()), "must be a run dir, or null"),
         ]
 

@@ -28,8 +28,9 @@ def format_hint(columns, expected: str, holder: str = "the row") -> str:
     return f" ({holder} has '{other}': set data.format={FORMAT_OF_COLUMN[other].value})" if other else ""
 
 
-def normalize(row: dict, data_format: DataFormat) -> tuple[list[dict] | None, str | None]:
-    """(messages, None) for a good row, (None, what is wrong) for a bad one; turns are numbered from 1."""
+def normalize(row: dict, data_format: DataFormat, last: str = "assistant") -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a good row, (None, what is wrong) for a bad one; turns are numbered from 1. `last` is the
+    role the conversation ends with (a preference row's prompt ends with the user's turn)."""
     column = COLUMN[data_format]
     turns = row.get(column)
     if turns is None:
@@ -42,7 +43,7 @@ def normalize(row: dict, data_format: DataFormat) -> tuple[list[dict] | None, st
         if problem:
             return None, f"turn {number}: {problem}"
         messages.append(message)
-    problem = order_problem(messages)
+    problem = order_problem(messages, last)
     return (None, problem) if problem else (messages, None)
 
 

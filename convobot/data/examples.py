@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from convobot.config import DataConfig
-from convobot.data import conversations
+from convobot.config import DataConfig, Stage
+from convobot.data import conversations, preferences
 from convobot.data.load import load_rows, split_rows
 from convobot.errors import DataError
 from convobot.template import format_example
@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InstructionData:
-    train: Dataset  # examples: prompt/completion, or messages
-    eval: Dataset  # examples
+    train: Dataset  # what the trainer trains on: examples (prompt/completion, or messages) or a stage's rows
+    eval: Dataset  # examples: held-out perplexity is measured on them
     eval_rows: list[dict]  # the held-out rows (Alpaca or messages), for exact-match and the saved split
     stats: dict = field(default_factory=dict)
+    trainer_eval: Dataset | None = None  # a stage's held-out rows in its trainer's shape; None: `eval`
 
 
 def char_budget(tokenizer, max_length: int) -> int:
@@ -110,3 +111,25 @@ def prepare(cfg: DataConfig, tokenizer) -> InstructionData:
         log.warning("%d training rows exceed data.max_length=%d tokens and will be truncated",
                     stats["truncated_train_rows"], cfg.max_length)
     return InstructionData(train=train, eval=evaluation, eval_rows=eval_rows.to_list(), stats=stats)
+
+
+def prepare_stage(cfg: DataConfig, tokenizer, stage: Stage) -> InstructionData:
+    """Load, validate and split the data of a preference or reward stage: the trainer's rows (preferences.py), and
+    held-out rows ending with their chosen answer, scored as SFT's are."""
+    if stage == Stage.sft:
+        return prepare(cfg, tokenizer)
+    rows, stats = load_rows(cfg)
+    train_rows, eval_rows = split_rows(rows, cfg)
+    train, fitted = preferences.trainer_rows(train_rows, tokenizer, stage, cfg.max_length)
+    trainer_eval, _ = preferences.trainer_rows(eval_rows, tokenizer, stage, cfg.max_length)
+    if not len(train):
+        raise DataError(f"config key 'data.max_length': {cfg.max_length} tokens leave no room for any prompt: every "
+                        "training row's answer alone fills them")
+    answered = eval_rows.to_list() if stage == Stage.grpo else preferences.answered_rows(eval_rows)
+    evaluation = format_and_cut(Dataset.from_list(answered), tokenizer, cfg.max_length)
+    stats |= {"format": cfg.format.value, "stage": stage.value, "train_rows": len(train), "eval_rows": len(evaluation),
+              "prompts_cut_to_fit": fitted["prompts_cut"], "rows_dropped_too_long": fitted["rows_dropped"]}
+    if fitted["prompts_cut"] or fitted["rows_dropped"]:
+        log.warning("%d training prompts were cut from the left and %d rows dropped to fit data.max_length=%d",
+                    fitted["prompts_cut"], fitted["rows_dropped"], cfg.max_length)
+    return InstructionData(train=train, eval=evaluation, eval_rows=answered, stats=stats, trainer_eval=trainer_eval)

@@ -1,7 +1,8 @@
 """Instruction rows from the hub, a local file or the bundled tasks, checked row by row.
 
-Alpaca rows (instruction / input / output) and conversations (`data.format=messages|sharegpt`, brought to one
-`messages` shape by conversations.py) are validated as they are read: a bad row stops the run naming the file and
+Alpaca rows (instruction / input / output), conversations (`data.format=messages|sharegpt`, brought to one
+`messages` shape by conversations.py) and preference rows (`data.format=preference|unpaired`, preferences.py) are
+validated as they are read: a bad row stops the run naming the file and
 row, or is skipped and counted (`data.on_bad_row=skip`). `split_rows` holds out the same seeded rows every run.
 """
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from convobot.config import BadRowPolicy, DataConfig, DataFormat, DataSource
-from convobot.data import conversations
-from convobot.data.tasks import generate_conversations, generate_rows
+from convobot.config import PREFERENCE_FORMATS, BadRowPolicy, DataConfig, DataFormat, DataSource
+from convobot.data import conversations, preferences
+from convobot.data.tasks import generate_conversations, generate_preference_rows, generate_rows
 from convobot.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,7 @@ def load_rows(cfg: DataConfig) -> tuple[Dataset, dict]:
     statistics."""
     unparsable: list[int] = []
     if cfg.source == DataSource.bundled:
-        rows = (generate_rows(cfg.num_rows, cfg.generation_seed) if cfg.format == DataFormat.alpaca
-                else generate_conversations(cfg.num_rows, cfg.generation_seed))
-        dataset, origin = Dataset.from_list(rows), "bundled tasks"
+        dataset, origin = Dataset.from_list(_bundled(cfg)), "bundled tasks"
     elif cfg.source == DataSource.local:
         (dataset, unparsable), origin = _load_local(Path(cfg.path), cfg.on_bad_row, cfg.format), str(cfg.path)
     else:
@@ -47,6 +46,18 @@ def load_rows(cfg: DataConfig) -> tuple[Dataset, dict]:
     if cfg.max_rows is not None:
         dataset = dataset.select(range(min(cfg.max_rows, len(dataset))))
     return dataset, {"source": origin, "rows_loaded": len(dataset), "rows_skipped": len(bad), "bad_rows": bad[:20]}
+
+
+def _bundled(cfg: DataConfig) -> list[dict]:
+    if cfg.format == DataFormat.alpaca:
+        return generate_rows(cfg.num_rows, cfg.generation_seed)
+    if cfg.format == DataFormat.preference:
+        return generate_preference_rows(cfg.num_rows, cfg.generation_seed)
+    if cfg.format == DataFormat.unpaired:
+        raise DataError("config key 'data.format': the bundled tasks come as preference pairs, not unpaired rows: "
+                        "use data=bundled_preferences (stage=kto counts each pair as one desirable and one "
+                        "undesirable answer)")
+    return generate_conversations(cfg.num_rows, cfg.generation_seed)
 
 
 def _load_local(path: Path, policy: BadRowPolicy, data_format: DataFormat) -> tuple[Dataset, list[int]]:
@@ -110,6 +121,8 @@ def _checked(row: dict, data_format: DataFormat) -> tuple[dict | None, str | Non
     if data_format == DataFormat.alpaca:
         problem = _row_problem(row)
         return (None, problem) if problem else ({key: row.get(key) or "" for key in FIELDS}, None)
+    if data_format in PREFERENCE_FORMATS:
+        return preferences.normalize(row, data_format)
     messages, problem = conversations.normalize(row, data_format)
     return (None, problem) if problem else ({"messages": messages}, None)
 
@@ -118,6 +131,8 @@ def _validate(dataset: Dataset, origin: str, policy: BadRowPolicy,
               data_format: DataFormat) -> tuple[Dataset, list[int]]:
     """Check every row: string instruction/input/output with non-empty instruction and output, or a well-formed
     conversation."""
+    if data_format in PREFERENCE_FORMATS:
+        return _validate_preferences(dataset, origin, policy, data_format)
     if data_format != DataFormat.alpaca:
         return _validate_conversations(dataset, origin, policy, data_format)
     missing_columns = [c for c in REQUIRED_NONEMPTY if c not in dataset.column_names]
@@ -164,6 +179,20 @@ def _validate_conversations(dataset: Dataset, origin: str, policy: BadRowPolicy,
             else:
                 messages, problem = conversations.normalize(row, data_format)
                 yield index + 1, {"messages": messages}, problem
+
+    good, bad = _kept(checked(), origin, policy)
+    return Dataset.from_list(good), bad
+
+
+def _validate_preferences(dataset: Dataset, origin: str, policy: BadRowPolicy,
+                          data_format: DataFormat) -> tuple[Dataset, list[int]]:
+    def checked():
+        for index, row in enumerate(dataset):
+            if "_row" in row:  # a JSON file's rows, checked as they were read
+                yield row["_row"], {key: value for key, value in row.items() if key != "_row"}, None
+            else:
+                shaped, problem = preferences.normalize(row, data_format)
+                yield index + 1, shaped, problem
 
     good, bad = _kept(checked(), origin, policy)
     return Dataset.from_list(good), bad

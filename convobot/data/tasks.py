@@ -77,6 +77,33 @@ def generate_rows(num_rows: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def _near_miss(instruction: str, input_text: str, output: str, rng: random.Random) -> str:
+    """A wrong answer of the kind a small model gives to a bundled task: a count or sum off by one, a list half
+    reversed or left in its order, one word upper-cased of several, the first word for the last."""
+    words = input_text.split()
+    if output.isdigit():
+        n = int(output)
+        return str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1)
+    if instruction.startswith("Reverse"):
+        return " ".join(words[1::-1] + words[2:]) if len(words) > 2 else input_text
+    if instruction.startswith("Convert"):
+        return " ".join([words[0].upper(), *words[1:]]) if len(words) > 1 else output.lower()
+    if instruction.startswith("Repeat"):
+        return words[0]
+    if instruction.startswith("Sort"):
+        return input_text if input_text != output else " ".join(reversed(words))
+    raise ValueError(f"no near miss for the task {instruction!r}")
+
+
+def generate_preference_rows(num_rows: int, seed: int = 0) -> list[dict]:
+    """The rows of generate_rows (same seed, same order: the same held-out split) as preference pairs: the right
+    answer chosen, a near miss rejected."""
+    rng = random.Random(seed)
+    return [{"instruction": row["instruction"], "input": row["input"], "chosen": row["output"],
+             "rejected": _near_miss(row["instruction"], row["input"], row["output"], rng)}
+            for row in generate_rows(num_rows, seed)]
+
+
 # Follow-up turns of the bundled conversations: a task on the assistant's previous answer, so the answer depends
 # on the conversation so far, not only on the last turn.
 FOLLOW_UPS: dict[str, Callable[[str], str]] = {

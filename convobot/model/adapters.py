@@ -34,7 +34,7 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool = False):
         return model
     from peft import get_peft_model
 
-    _check_targets_exist(model, cfg.target_modules)
+    check_targets_exist(model, cfg.target_modules)
     if gradient_checkpointing:
         # Frozen embeddings give the checkpointed blocks inputs without grad, so nothing would flow
         # back into the adapters; make the embedding outputs require grad.
@@ -46,7 +46,7 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool = False):
     return peft_model
 
 
-def _check_targets_exist(model: torch.nn.Module, targets) -> None:
+def check_targets_exist(model: torch.nn.Module, targets) -> None:
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:

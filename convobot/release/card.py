@@ -17,18 +17,21 @@ DATA_KINDS = {
     DataFormat.alpaca: "Alpaca-format instructions (instruction, optional input, output), the loss on the response",
     DataFormat.messages: "conversations (OpenAI-style `messages`), the loss on every assistant turn",
     DataFormat.sharegpt: "conversations (ShareGPT `conversations`), the loss on every assistant turn",
+    DataFormat.preference: "preference pairs (a prompt with a chosen and a rejected answer)",
+    DataFormat.unpaired: "answers labelled desirable or undesirable",
 }
 
 
-def release_license(config: TrainConfig, override: str | None) -> str:
+def release_license(config: TrainConfig, override: str | None, lineage: list[dict] = ()) -> str:
     """`override`, else the data's licence if it is non-commercial (it binds the weights trained on it), else the
-    base model's; "other" when either is unknown (the `license:` keys of conf/model and conf/data)."""
+    base model's; "other" when either is unknown (the `license:` keys of conf/model and conf/data). The data of
+    every earlier stage (`lineage`) counts as this run's does."""
     if override:
         return override
-    base, data = config.model.license, config.data.license
-    if base is None or data is None:
+    licences = [config.data.license, *(stage.get("data_license") for stage in lineage)]
+    if config.model.license is None or None in licences:
         return "other"
-    return data if "nc" in data.split("-") else base
+    return next((data for data in licences if "nc" in data.split("-")), config.model.license)
 
 
 def model_card(run: RunDir, report: dict, params: ParamCount, licence: str, model_id: str) -> str:
@@ -40,6 +43,7 @@ def model_card(run: RunDir, report: dict, params: ParamCount, licence: str, mode
 
 def front_matter(config: TrainConfig, licence: str) -> list[str]:
     kind = ["full-fine-tune"] if config.peft.method_name == "full" else [config.peft.method_name, "merged"]
+    kind += [config.stage.name.value] if config.stage.name.value != "sft" else []
     return ["---", f"license: {licence}", "library_name: transformers", "pipeline_tag: text-generation",
             f"tags: [convobot, gpt2, {'alpaca' if config.data.format == DataFormat.alpaca else 'conversational'}, "
             f"{', '.join(kind)}]",
@@ -53,9 +57,12 @@ def summary(run: RunDir, report: dict, params: ParamCount, licence: str, model_i
     method = config.peft.method_name
     merged = ", adapter merged into the fp32 base" if config.peft.adapter else ""
     data = config.data.origin + (" (convobot's bundled tasks)" if config.data.source == DataSource.bundled else "")
+    stages = [f"{stage['stage']} ({stage['peft']}) on {stage['data']}" for stage in trained.get("lineage", [])]
+    stages.append(f"{config.stage.name.value} ({config.peft.name}) on {config.data.origin}")
     return [
         f"# {Path(model_id).name}", "",
         f"GPT-2 fine-tuned with convobot ({method}{merged}) on {DATA_KINDS[config.data.format]}.", "",
+        *([f"- **Stages:** {', then '.join(stages)}"] if len(stages) > 1 or config.stage.name.value != "sft" else []),
         f"- **Base model:** {run.base_description}",
         f"- **Data:** {data}: {trained.get('data', {}).get('train_rows', '?')} training rows, "
         f"{report['heldout_rows']} held-out rows",

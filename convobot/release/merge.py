@@ -157,7 +157,7 @@ def merge(cfg: MergeConfig, console: Console | None = None) -> dict:
                 "(c) merged model vs the saved model.safetensors, reloaded")
         report["seconds"] = clock.seconds
         atomic.write_json(tmp / bundle.REPORT, report)
-        licence = card.release_license(run.config, cfg.license)
+        licence = card.release_license(run.config, cfg.license, run.metrics().get("lineage", []))
         atomic.write_text(tmp / bundle.CARD, card.model_card(run, report, params, licence,
                                                             cfg.push_to_hub or str(output_dir)))
         bundle.write_checksums(tmp)

@@ -72,6 +72,8 @@ class RunDir:
             return f"{model.name} (random init, saved in {self.path / BASE_MODEL})"
         if model.source == ModelSource.bundled:
             return f"{model.name} (convobot's pretrained base, saved in {self.path / BASE_MODEL})"
+        if model.source == ModelSource.run:
+            return f"the model of run {self.config.init_from} (saved in {self.path / BASE_MODEL})"
         return model.name + (f"@{model.revision}" if model.revision else "")
 
     def metrics(self) -> dict:

@@ -6,11 +6,13 @@ Examples:
     convobot train experiment=smoke                 # a few steps, seconds
     convobot train experiment=seed_repro            # GPT-2 small + vicgalle/alpaca-gpt4 (hub + GPU)
     convobot train data=local data.path=rows.jsonl  # your own instruction/input/output file
+    convobot train stage=dpo data=bundled_preferences init_from=outputs/mine   # DPO on top (training/stages.py)
     python -m convobot.training.recipe hydra.run.dir=outputs/mine
     convobot train resume=true hydra.run.dir=outputs/mine              # continue an interrupted run
     torchrun --nproc_per_node=2 -m convobot.training.recipe hydra.run.dir=outputs/ddp  # data-parallel, one process per GPU
 
-The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save -> score.
+The recipe reads top to bottom: setup (data, model, optimizer) -> train -> save -> score. `stage=` picks the
+objective: SFT here, DPO / ORPO / KTO / GRPO through TRL's trainer for each (stages.py).
 """
 
 from __future__ import annotations
@@ -28,18 +30,28 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from transformers import TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from convobot import atomic
 from convobot.cli import one_line_errors, quiet_libraries
-from convobot.config import CONF_DIR, DataFormat, DataSource, LossHead, ModelSource, Precision, TrainConfig, validate
-from convobot.data.examples import InstructionData, prepare
+from convobot.config import (
+    CONF_DIR,
+    DataFormat,
+    DataSource,
+    LossHead,
+    ModelSource,
+    Precision,
+    Stage,
+    TrainConfig,
+    validate,
+)
+from convobot.data.examples import InstructionData, prepare_stage
 from convobot.data.tasks import exact_match
-from convobot.errors import ConfigError, SaveError
+from convobot.errors import AdapterError, ConfigError, SaveError
 from convobot.model import attention, cpu_memory, loss_head
-from convobot.model.adapters import apply_peft
+from convobot.model.adapters import apply_peft, check_targets_exist, lora_config
 from convobot.model.base import (
     base_dtype,
     configured_context,
@@ -60,9 +72,10 @@ from convobot.scoring.generate import Answers, answer
 from convobot.scoring.measure import peak_memory_bytes, versions
 from convobot.scoring.perplexity import perplexities
 from convobot.template import answer_of
-from convobot.training import distributed, resume
+from convobot.training import distributed, lineage, resume
 from convobot.training.callbacks import LossAndThroughputProgress, MetricsJsonl, TrackingCallback
 from convobot.training.results import print_results
+from convobot.training.stages import build_stage_trainer, stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +90,25 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
 def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision,
                      optimizer: str) -> SFTConfig:
     """TRL's SFTConfig from the composed config (SFTConfig itself stays out of Hydra)."""
-    hw, loop = cfg.hardware, cfg.train
     return SFTConfig(
+        **trainer_args(cfg, run_dir, device, precision, optimizer),
+        max_length=cfg.data.max_length,
+        # Alpaca pairs: the loss on the completion; conversations: on the assistant turns, which the chat template
+        # marks with {% generation %} (EOS included, so the model learns to end its turn).
+        completion_only_loss=cfg.data.completion_only and cfg.data.format == DataFormat.alpaca,
+        assistant_only_loss=cfg.data.completion_only and cfg.data.format != DataFormat.alpaca,
+        # Packing fills each sequence with whole rows (best-fit decreasing) and no padding; position_ids restart at
+        # 0 per row and no attention_mask is sent, so transformers' SDPA/eager masks become block-diagonal and rows
+        # never attend to each other (tests/test_packing.py checks both this and the loss).
+        packing=cfg.train.packing,
+        packing_strategy="bfd",
+    )
+
+
+def trainer_args(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision, optimizer: str) -> dict:
+    """The TrainingArguments every stage's TRL config shares: loop, optimizer, precision, checkpoints, DDP."""
+    hw, loop = cfg.hardware, cfg.train
+    return dict(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         seed=cfg.seed,
         num_train_epochs=loop.epochs,
@@ -101,16 +131,7 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, device: torch.device, prec
         use_cpu=device.type == "cpu",
         activation_checkpointing=hw.gradient_checkpointing,
         torch_compile=hw.torch_compile,
-        max_length=cfg.data.max_length,
-        # Alpaca pairs: the loss on the completion; conversations: on the assistant turns, which the chat template
-        # marks with {% generation %} (EOS included, so the model learns to end its turn).
-        completion_only_loss=cfg.data.completion_only and cfg.data.format == DataFormat.alpaca,
-        assistant_only_loss=cfg.data.completion_only and cfg.data.format != DataFormat.alpaca,
-        # Packing fills each sequence with whole rows (best-fit decreasing) and no padding; position_ids restart at
-        # 0 per row and no attention_mask is sent, so transformers' SDPA/eager masks become block-diagonal and rows
-        # never attend to each other (tests/test_packing.py checks both this and the loss).
-        packing=loop.packing,
-        packing_strategy="bfd",
+        neftune_noise_alpha=loop.neftune_alpha,
         train_sampling_strategy="group_by_length" if loop.group_by_length else "random",
         logging_steps=loop.logging_steps,
         eval_strategy="steps" if loop.eval_steps else "no",
@@ -150,9 +171,9 @@ def torch_save_errors(run_dir: Path):
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision, tokenizer,
-                  dataset: InstructionData) -> tuple[SFTTrainer, OptimizerChoice]:
-    """The model (base, dropout, LoRA), the optimizer and TRL's SFTTrainer for `cfg`: what `run` trains and
-    benchmarks/train_throughput.py times."""
+                  dataset: InstructionData) -> tuple[Trainer, OptimizerChoice]:
+    """The model (base, dropout, LoRA), the optimizer and TRL's trainer for the stage (SFTTrainer for SFT): what
+    `run` trains and benchmarks/train_throughput.py times."""
     dtype = base_dtype(precision, cfg.peft.method)
     if cfg.peft.quantization:  # QLoRA: the frozen base in 4 bits, computing in the precision's dtype
         from peft import prepare_model_for_kbit_training
@@ -162,18 +183,38 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
     else:
         base = load_base_model(cfg.model, tokenizer, dtype)
     prepare_for_training(base, cfg.model)
+    optimizer = resolve_optimizer(cfg.optim.name, device)
+    if cfg.stage.name != Stage.sft:
+        return build_stage(cfg, trainer_args(cfg, run_dir, device, precision, optimizer.name), base, tokenizer,
+                           dataset, precision), optimizer
     if cfg.train.packing:
         attention.attend_row_by_row(base)  # the block-diagonal mask's maths, without its masked blocks
     model = apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
     if precision == Precision.fp16:
         upcast_trainable_to_fp32(model)
-    optimizer = resolve_optimizer(cfg.optim.name, device)
     args = build_sft_config(cfg, run_dir, device, precision, optimizer.name)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
                          processing_class=tokenizer)
     if cfg.hardware.loss_head == LossHead.plain:
         loss_head.use_plain_head(base)  # TRL patched the base model, under the LoRA wrapper
     return trainer, optimizer
+
+
+def build_stage(cfg: TrainConfig, args: dict, base, tokenizer, dataset: InstructionData,
+                precision: Precision) -> Trainer:
+    """A preference or reward stage's trainer; with an adapter, the trainer wraps the base (the reference is the base
+    with the adapter disabled), after the same checks as SFT's wrapping."""
+    peft_config = None
+    if cfg.peft.adapter:
+        check_targets_exist(base, cfg.peft.target_modules)
+        peft_config = lora_config(cfg.peft)
+    trainer = build_stage_trainer(cfg, args, base, tokenizer, dataset, peft_config)
+    if count_parameters(trainer.model).trainable == 0:
+        raise AdapterError(f"the {cfg.stage.name.value} stage has zero trainable parameters "
+                           f"(peft.target_modules {list(cfg.peft.target_modules)})")
+    if precision == Precision.fp16 and cfg.peft.adapter:
+        upcast_trainable_to_fp32(trainer.model)
+    return trainer
 
 
 def score(model, tokenizer, dataset: InstructionData, cfg: TrainConfig) -> tuple[dict, list[dict]]:
@@ -281,8 +322,10 @@ def set_up(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None) -> Job:
     max_length = fit_context(cfg.data.max_length, configured_context(cfg.model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))
     resume_changes = resume.check_config(checkpoint, run_dir, cfg) if checkpoint else {}
+    if cfg.init_from:  # the earlier run's model becomes this run's base
+        cfg = lineage.start_from(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
-    dataset = prepare(cfg.data, tokenizer)
+    dataset = prepare_stage(cfg.data, tokenizer, cfg.stage.name)
     trainer, optimizer = build_trainer(cfg, run_dir, device, precision, tokenizer, dataset)
     params = count_parameters(trainer.model)
     log.info("%s", params)
@@ -309,7 +352,7 @@ def record_start(job: Job, run_dir: Path, tracker) -> None:
     rundir.write_config(run_dir, job.cfg)
     tracking.begin(tracker, job.cfg, run_dir)
     rundir.write_heldout(run_dir, job.dataset.eval_rows)
-    if job.cfg.model.source != ModelSource.hub:
+    if job.cfg.model.source not in (ModelSource.hub, ModelSource.run):
         # A random-init base cannot be re-downloaded, and the bundled one may change with the package: keep
         # the base so the adapter can be merged later.
         rundir.save_model(run_dir / rundir.BASE_MODEL, load_base_model(job.cfg.model, job.tokenizer), job.tokenizer)
@@ -343,8 +386,11 @@ def collect_results(job: Job, checkpoint: Path | None, resumed: tuple[int, int],
         "experiment": cfg.experiment_name,
         "method": cfg.peft.method_name,
         "peft": cfg.peft.name,
+        "stage": cfg.stage.name.value,
+        "lineage": lineage.lineage(cfg),
         "train_loss": train_loss,
         **after,
+        "stage_metrics": stage_metrics(state.log_history),
         "before": before,
         "trainable_params": job.params.trainable,
         "total_params": job.params.total,

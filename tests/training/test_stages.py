@@ -1,0 +1,108 @@
+"""Preference and reward stages through TRL's trainers, on top of an SFT run: DPO then merge, ORPO, KTO (adapter and
+full) and GRPO; their configs, reward and metrics."""
+
+import json
+
+import pytest
+
+from convobot.config import Stage
+from convobot.errors import ConfigError
+from convobot.runs.loading import load_base
+from convobot.runs.rundir import open_run
+from convobot.training.recipe import build_sft_config, run
+from convobot.training.stages import exact_match_reward, stage_metrics
+
+STAGE = ["experiment=smoke", "report.before=false", "report.samples=0", "report.exact_match_rows=8",
+         "train.max_steps=2", "train.logging_steps=1", "data.num_rows=120", "data.eval_size=8", "optim.lr=1e-4"]
+
+
+@pytest.mark.parametrize("stage, data", [("dpo", "bundled_preferences"), ("orpo", "bundled_preferences"),
+                                         ("kto", "bundled_preferences"), ("grpo", "bundled")])
+def test_every_stage_composes_with_its_data(compose_train, stage, data):
+    cfg = compose_train(f"stage={stage}", f"data={data}")
+    assert cfg.stage.name == Stage(stage) and cfg.init_from is None
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["stage=dpo"], "data.format"),  # instruction rows have no rejected answer
+    (["stage=grpo", "data=bundled_preferences"], "data.format"),
+    (["stage=dpo", "data=bundled_preferences", "train.packing=true"], "train.packing"),
+    (["stage=grpo", "hardware.batch_size=3"], "hardware.batch_size"),
+    (["stage=grpo", "stage.num_generations=1"], "stage.num_generations"),
+    (["train.neftune_alpha=0"], "train.neftune_alpha"),
+])
+def test_a_stage_with_the_wrong_data_or_options_is_one_config_error(compose_train, overrides, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        compose_train(*overrides)
+
+
+def test_neftune_is_one_switch(compose_train, tmp_path):
+    import torch
+
+    cfg = compose_train("train.neftune_alpha=5")
+    assert build_sft_config(cfg, tmp_path, torch.device("cpu"), cfg.hardware.precision, "adamw_torch") \
+        .neftune_noise_alpha == 5
+
+
+def test_exact_match_reward_and_stage_metrics():
+    assert exact_match_reward(["4", " dog  cat ", "5"], reference=["4", "dog cat", "4"], prompts=["p"] * 3) == \
+        [1.0, 1.0, 0.0]
+    history = [{"loss": 1.0, "rewards/margins": 0.1, "step": 1}, {"rewards/margins": 0.3, "kl": 0.2, "step": 2},
+               {"eval_rewards/margins": 9.0, "train_loss": 0.5}]
+    assert stage_metrics(history) == {"rewards/margins": 0.3, "kl": 0.2}
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, train_smoke):
+    return train_smoke(tmp_path_factory.mktemp("stages") / "sft", "data.num_rows=120", "data.eval_size=8")
+
+
+def test_dpo_on_an_sft_run_then_merged_into_one_verified_bundle(sft_run, tmp_path, compose_train, quiet_merge):
+    dpo_dir = tmp_path / "dpo"
+    results = run(compose_train(*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={sft_run}"), dpo_dir)
+    assert results["stage"] == "dpo" and results["lineage"][0]["run"] == str(sft_run)
+    assert {"rewards/accuracies", "rewards/margins", "rewards/chosen"} <= results["stage_metrics"].keys()
+    logged = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "rewards/margins" in row] == [1, 2]
+    # The run's base is the SFT run's model, its adapter merged: what the DPO reference was.
+    sft_model = open_run(sft_run)
+    import torch
+
+    from convobot.runs.loading import load_trained
+
+    merged_sft = load_trained(sft_model).merge_and_unload()
+    dpo_base = load_base(open_run(dpo_dir))
+    probe = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(merged_sft(probe).logits, dpo_base(probe).logits, atol=1e-5)
+    assert not torch.allclose(load_base(sft_model)(probe).logits, dpo_base(probe).logits, atol=1e-3)
+    report = quiet_merge(run_dir=str(dpo_dir), output_dir=str(tmp_path / "release"))
+    assert report["verification"]["adapter_vs_merged_max_abs_logit_diff"] <= 1e-4
+    assert report["verification"]["reloaded_vs_merged_max_abs_logit_diff"] <= 1e-4
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "**Stages:** sft (lora) on bundled, then dpo (lora) on bundled_preferences" in card
+    assert "tags: [convobot, gpt2" in card and "dpo]" in card
+
+
+@pytest.mark.parametrize("stage, data, peft", [("orpo", "bundled_preferences", "lora"),
+                                               ("kto", "bundled_preferences", "full"),
+                                               ("grpo", "bundled", "lora")])
+def test_orpo_kto_and_grpo_train_and_log_their_own_metrics(sft_run, tmp_path, compose_train, stage, data, peft):
+    overrides = [*STAGE, f"stage={stage}", f"data={data}", f"peft={peft}", f"init_from={sft_run}"]
+    if stage == "grpo":
+        overrides += ["stage.max_completion_length=4"]
+    results = run(compose_train(*overrides), tmp_path / stage)
+    expected = {"orpo": "log_odds_ratio", "kto": "kl", "grpo": "reward"}[stage]
+    assert expected in results["stage_metrics"] and results["steps"] == 2
+    assert results["method"] == peft and 0 <= results["exact_match"] <= 1
+    assert (tmp_path / stage / ("model" if peft == "full" else "adapter")).is_dir()
+
+
+def test_init_from_a_run_that_never_finished_is_refused(tmp_path, compose_train, sft_run):
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(sft_run, unfinished)
+    (unfinished / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="config key 'init_from': .* has not finished training"):
+        run(compose_train(*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={unfinished}"),
+            tmp_path / "dpo")
