@@ -142,4 +142,17 @@ def check_evaluation_page(folder: Path, outputs: list[str]) -> None:
     assert "## Answers side by side" in report and (folder / "reports" / "evaluations" / "answers.html").is_file()
 
 
-CHECKS = {"sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}
+def check_preference_page(folder: Path, outputs: list[str]) -> None:
+    """SFT, then DPO and GRPO on top of it; the DPO chain merged into one bundle whose card names both stages; the
+    three runs in one comparison."""
+    for stage in ("dpo", "grpo"):
+        metrics = json.loads((folder / "outputs" / stage / "metrics.json").read_text())
+        assert metrics["stage"] == stage and [step["stage"] for step in metrics["lineage"]] == ["sft"]
+        assert (folder / "outputs" / stage / "base_model" / "model.safetensors").is_file()
+    card = (folder / "release" / "dpo" / "README.md").read_text()
+    assert "**Stages:** sft (lora) on bundled, then dpo (lora) on bundled_preferences" in card
+    report = (folder / "reports" / "stages" / "report.md").read_text()
+    assert "| sft → dpo |" in report and "| sft → grpo |" in report and "reward accuracy" in report
+
+
+CHECKS = {"preference.md": check_preference_page, "sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import eval_speed  # noqa: E402
 import harness  # noqa: E402
+import preference_stages  # noqa: E402
 import scaling  # noqa: E402
 import train_throughput as bench  # noqa: E402
 
@@ -92,3 +93,14 @@ def test_eval_speed_benchmark_times_answering_against_scoring(shared_data, tmp_p
     assert summary["ratio"] == pytest.approx(summary["answering_seconds"] / summary["scoring_seconds"])
     assert 0 <= summary["answers_scores"]["rougeL"] <= 100 and summary["answers_scores"]["rows"] == 4
     assert "| answering one row at a time |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_preference_stages_benchmark_reports_every_stage_from_one_sft_run(tmp_path):
+    assert preference_stages.main(["--smoke", "--out", str(tmp_path / "stages")]) == 0
+    summary = json.loads((tmp_path / "stages.json").read_text())
+    stages = [run["stage"] for run in summary["runs"]]
+    assert stages[0] == "SFT, 4 steps" and len(stages) == 1 + len(preference_stages.STAGES)
+    assert all(0 <= run["exact_match"] <= 1 for run in summary["runs"])
+    assert "rewards/accuracies" in summary["runs"][2]["stage_metrics"] and "reward" in summary["runs"][4]["stage_metrics"]
+    text = (tmp_path / "stages.md").read_text()
+    assert "| + GRPO, exact-match reward, 2 steps |" in text and "points**" in text

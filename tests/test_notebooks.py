@@ -10,11 +10,13 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
 # What the tests run with, injected after a notebook's "parameters" cell as papermill does: the whole notebook, on
 # fewer rows and steps (what it shows is a user's run; that it runs top to bottom is the test's).
-QUICK = {"01_quickstart": "num_rows = 300\nepochs = 1", "02_lora_vs_full": "num_rows = 200\nmax_steps = 12"}
+QUICK = {"01_quickstart": "num_rows = 300\nepochs = 1", "02_lora_vs_full": "num_rows = 200\nmax_steps = 12",
+         "04_preference_tuning": "num_rows = 200\nsft_steps = 4\nsteps = 2"}
 
 
-def test_the_three_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_lora_vs_full", "03_reproduce_reference"]
+def test_the_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_lora_vs_full", "03_reproduce_reference",
+                                           "04_preference_tuning"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

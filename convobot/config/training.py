@@ -281,6 +281,9 @@ class StageConfig:
     # TRL's loss_type for the stage (DPO: sigmoid, ipo, hinge, ...; KTO: kto, apo_zero_unpaired; GRPO: dapo, grpo,
     # dr_grpo, ...); null: TRL's default.
     loss_type: Optional[str] = None
+    # DPO: the weight of an SFT loss on the chosen answers beside the preference loss (RPO, TRL's loss_type
+    # [..., "sft"]): it keeps the chosen answers likely while the margin grows; 0: the preference loss alone.
+    sft_weight: float = 0.0
     # DPO, KTO: the reference's log-probabilities computed once before training instead of at every step.
     precompute_ref_log_probs: bool = False
     # KTO: the weights of desirable and undesirable answers' losses (raise the rarer kind's).
@@ -351,6 +354,7 @@ class TrainConfig:
                                             if DataFormat.preference in formats else "")),
             ("train.packing", stage.name == Stage.sft or not self.train.packing, "is for stage=sft only"),
             ("stage.beta", stage.beta >= 0, "must be >= 0"),
+            ("stage.sft_weight", stage.sft_weight >= 0, "must be >= 0"),
             ("stage.num_generations", stage.num_generations > 1, "must be > 1: GRPO compares answers to one prompt"),
             ("stage.max_completion_length", stage.max_completion_length > 0, "must be > 0"),
             ("hardware.batch_size", stage.name != Stage.grpo or generations % stage.num_generations == 0,

@@ -78,12 +78,16 @@ def generate_rows(num_rows: int, seed: int = 0) -> list[dict]:
 
 
 def _near_miss(instruction: str, input_text: str, output: str, rng: random.Random) -> str:
-    """A wrong answer of the kind a small model gives to a bundled task: a count or sum off by one, a list half
-    reversed or left in its order, one word upper-cased of several, the first word for the last."""
+    """A wrong answer of the kind a small SFT model gives to a bundled task: half the word answers run on past the
+    right answer with one of its words repeated (what it gets wrong most: "bird lamp bird" for "bird lamp"), the
+    others are a list half reversed or left in its order, one word upper-cased of several, the first word for the
+    last; a count or sum is off by one."""
     words = input_text.split()
     if output.isdigit():
         n = int(output)
         return str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1)
+    if rng.random() < 0.5:
+        return f"{output} {rng.choice(output.split())}"
     if instruction.startswith("Reverse"):
         return " ".join(words[1::-1] + words[2:]) if len(words) > 2 else input_text
     if instruction.startswith("Convert"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from convobot.config import LossHead, ModelSource, Precision, TrainConfig
+from convobot.config import LossHead, ModelSource, PeftMethod, Precision, Stage, TrainConfig
 from convobot.model.adapters import apply_peft
 from convobot.model.base import base_dtype, load_base_model, model_config, resolve_device, upcast_trainable_to_fp32
 from convobot.model.optim import optimizer_name
@@ -100,11 +100,15 @@ def meta_model(cfg: TrainConfig, precision: Precision) -> torch.nn.Module:
 
 # The four moments of a training run and the parts allocated at each: the peak is the largest.
 PHASE_PARTS = {
-    "end of forward (loss head)": ("weights", "optimizer states", "activations", "loss head"),
-    "end of backward": ("weights", "optimizer states", "gradients", "block working set", "dequantization buffer"),
-    "optimizer step": ("weights", "optimizer states", "gradients", "optimizer step temporaries"),
-    "evaluation": ("weights", "optimizer states", "eval logits"),
+    "end of forward (loss head)": ("weights", "reference model", "optimizer states", "activations", "loss head"),
+    "end of backward": ("weights", "reference model", "optimizer states", "gradients", "block working set",
+                        "dequantization buffer"),
+    "optimizer step": ("weights", "reference model", "optimizer states", "gradients", "optimizer step temporaries"),
+    "evaluation": ("weights", "reference model", "optimizer states", "eval logits"),
 }
+# Sequences a stage's forward holds per example: a preference pair's chosen and rejected answers (DPO, ORPO); an
+# answer and the mismatched one KTO estimates its KL term with.
+SEQUENCES_PER_EXAMPLE = {Stage.dpo: 2, Stage.orpo: 2, Stage.kto: 2}
 
 
 @dataclass
@@ -126,8 +130,10 @@ class Setting:
 
     @property
     def batch(self) -> int:
-        """Packed, a step is batch_size accumulated micro-batches of one sequence (recipe.build_sft_config)."""
-        return 1 if self.cfg.train.packing else self.cfg.hardware.batch_size
+        """Sequences per forward. Packed, a step is batch_size accumulated micro-batches of one sequence
+        (recipe.build_sft_config); a preference stage holds each example's two answers."""
+        per_example = SEQUENCES_PER_EXAMPLE.get(self.cfg.stage.name, 1)
+        return 1 if self.cfg.train.packing else self.cfg.hardware.batch_size * per_example
 
     @property
     def trainable(self) -> list[torch.Tensor]:
@@ -149,6 +155,7 @@ def estimate(cfg: TrainConfig, device: str | None = None, precision: Precision |
                                                                     device)
     parts = {part.name: part for part in [
         *weight_parts(setting),
+        reference_part(setting),
         Part("gradients", 4 * sum(p.numel() for p in setting.trainable),
              f"{sum(p.numel() for p in setting.trainable):,} trainable values, fp32"),
         Part("optimizer states", states, states_detail),
@@ -190,6 +197,23 @@ def weight_parts(setting: Setting) -> list[Part]:
                  if quantized else "none: no 4-bit weights")]
 
 
+def reference_part(setting: Setting) -> Part:
+    """The frozen reference of a preference or reward stage: a copy of the starting model for peft=full; with an
+    adapter the base with the adapter disabled is the reference, so nothing is added."""
+    stage, cfg = setting.cfg.stage, setting.cfg
+    if stage.name in (Stage.sft, Stage.orpo):
+        return Part("reference model", 0, f"none: {stage.name.value} has no reference")
+    if stage.name == Stage.grpo and stage.beta == 0:
+        return Part("reference model", 0, "none: GRPO with stage.beta=0 has no KL term")
+    if stage.name != Stage.grpo and stage.precompute_ref_log_probs:
+        return Part("reference model", 0, "none: its log-probabilities are computed once before training")
+    if cfg.peft.method != PeftMethod.full:
+        return Part("reference model", 0, "none: the base with the adapter disabled is the reference")
+    params = list(setting.model.parameters())
+    return Part("reference model", tensor_bytes(params) + tensor_bytes(setting.model.buffers()),
+                f"a frozen copy of the starting model, {sum(p.numel() for p in params):,} params")
+
+
 def activation_parts(setting: Setting) -> list[Part]:
     """What the forward saves for backward, one block's working set during backward, and the loss head."""
     cfg, arch, device, batch, seq = setting.cfg, setting.arch, setting.device, setting.batch, setting.seq
@@ -202,7 +226,8 @@ def activation_parts(setting: Setting) -> list[Part]:
                    if cfg.hardware.loss_head == LossHead.chunked
                    else f"plain: fp32 logits of up to {batch * seq} labelled tokens")
     return [
-        Part("activations", saved, f"{'packed, ' if cfg.train.packing else ''}batch {batch} x {seq} tokens x "
+        Part("activations", saved, f"{'packed, ' if cfg.train.packing else ''}batch {batch}"
+                                   f"{' (both answers)' if cfg.stage.name in SEQUENCES_PER_EXAMPLE else ''} x {seq} tokens x "
                                    f"{arch.layers} layers, {cfg.model.attn_implementation}, "
                                    f"{setting.precision.value}, checkpointing {'on' if checkpointing else 'off'}"),
         Part("block working set", block,

@@ -22,6 +22,9 @@ DATA_KINDS = {
 }
 
 
+DATA_TAGS = {DataFormat.alpaca: "alpaca", DataFormat.preference: "preference", DataFormat.unpaired: "preference"}
+
+
 def release_license(config: TrainConfig, override: str | None, lineage: list[dict] = ()) -> str:
     """`override`, else the data's licence if it is non-commercial (it binds the weights trained on it), else the
     base model's; "other" when either is unknown (the `license:` keys of conf/model and conf/data). The data of
@@ -45,7 +48,7 @@ def front_matter(config: TrainConfig, licence: str) -> list[str]:
     kind = ["full-fine-tune"] if config.peft.method_name == "full" else [config.peft.method_name, "merged"]
     kind += [config.stage.name.value] if config.stage.name.value != "sft" else []
     return ["---", f"license: {licence}", "library_name: transformers", "pipeline_tag: text-generation",
-            f"tags: [convobot, gpt2, {'alpaca' if config.data.format == DataFormat.alpaca else 'conversational'}, "
+            f"tags: [convobot, gpt2, {DATA_TAGS.get(config.data.format, 'conversational')}, "
             f"{', '.join(kind)}]",
             *([f"base_model: {config.model.name}"] if config.model.source == ModelSource.hub else []),
             *([f"datasets: [{config.data.origin}]"] if config.data.source == DataSource.hub else []),

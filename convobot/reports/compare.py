@@ -40,11 +40,15 @@ PLOTS = ("loss_curves", "perplexity_vs_params", "peak_memory", "throughput")
 METHOD_STYLE = {"lora": ("tab:blue", "-", "o"), "full": ("tab:orange", "--", "s"), "dora": ("tab:green", "-.", "D"),
                 "qlora": ("tab:purple", "-", "v"), "rslora": ("tab:cyan", "-", "P")}
 COLUMNS = (
-    "run", "overrides", "method", "trainable_params", "trainable_percent", "peak_memory_mib", "device",
+    "run", "overrides", "stage", "method", "trainable_params", "trainable_percent", "peak_memory_mib", "device",
     "tokens_per_second", "wall_seconds", "train_loss_final", "train_loss_mean", "eval_loss",
-    "eval_perplexity", "exact_match", "bleu", "chrf", "rougeL", "status", "path",
+    "eval_perplexity", "exact_match", "bleu", "chrf", "rougeL", "reward_accuracy", "reward_margin", "reward", "kl",
+    "status", "path",
 )
 ANSWER_COLUMNS = ("bleu", "chrf", "rougeL")  # of the answers to held-out rows (report.generate_metrics)
+# A preference or reward stage's own metrics at their last logged values (metrics.json `stage_metrics`).
+STAGE_COLUMNS = {"reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins", "reward": "reward",
+                 "kl": "kl"}
 ANSWERS_IN_MARKDOWN = 5  # prompts shown side by side in report.md; answers.html has them all
 
 
@@ -75,6 +79,8 @@ class ComparedRun:
         return {
             "run": self.label,
             "overrides": " ".join(self.overrides),
+            "stage": " → ".join([step["stage"] for step in m.get("lineage", [])] + [m.get("stage", "sft")])
+            if self.finished else None,
             "method": self.method,
             "trainable_params": m.get("trainable_params"),
             "trainable_percent": m.get("trainable_percent"),
@@ -88,6 +94,7 @@ class ComparedRun:
             "eval_perplexity": m.get("eval_perplexity"),
             "exact_match": m.get("exact_match"),
             **{name: (m.get("answers") or {}).get(name) for name in ANSWER_COLUMNS},
+            **{name: (m.get("stage_metrics") or {}).get(key) for name, key in STAGE_COLUMNS.items()},
             "status": "finished" if self.finished else "incomplete: no metrics.json",
             "path": str(self.path),
         }
@@ -211,7 +218,8 @@ def _cell(value, column: str) -> str:
     formats = {
         "trainable_params": "{:,}", "trainable_percent": "{:.2f}%", "peak_memory_mib": "{:,.0f}",
         "tokens_per_second": "{:,.0f}", "wall_seconds": "{:.1f}", "eval_perplexity": "{:.3f}",
-        "exact_match": "{:.1%}", **{name: "{:.1f}" for name in ANSWER_COLUMNS},
+        "exact_match": "{:.1%}", **{name: "{:.1f}" for name in ANSWER_COLUMNS}, "reward_accuracy": "{:.1%}",
+        "reward": "{:.3f}", "reward_margin": "{:.3f}", "kl": "{:.4f}",
     }
     if column in formats:
         return formats[column].format(value)
@@ -229,17 +237,24 @@ def csv_text(runs: list[ComparedRun]) -> str:
 
 def markdown_table(runs: list[ComparedRun]) -> str:
     headers = {
-        "run": "run", "method": "method", "trainable_params": "trainable params", "trainable_percent": "trainable",
+        "run": "run", "stage": "stage", "method": "method", "trainable_params": "trainable params",
+        "trainable_percent": "trainable",
         "peak_memory_mib": "peak memory (MiB)", "tokens_per_second": "tokens/s", "wall_seconds": "wall time (s)",
         "train_loss_final": "final train loss", "eval_loss": "eval loss", "eval_perplexity": "eval perplexity",
-        "exact_match": "exact match", "bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L", "status": "status",
+        "exact_match": "exact match", "bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L",
+        "reward_accuracy": "reward accuracy", "reward_margin": "reward margin", "reward": "mean reward", "kl": "KL",
+        "status": "status",
     }
+    rows = [run.row() for run in runs]
     if not any(r.answers for r in runs):
         headers = {k: v for k, v in headers.items() if k not in ANSWER_COLUMNS}
+    # Stage columns only where some run has them; the stage column only where some run is not plain SFT.
+    headers = {k: v for k, v in headers.items() if k not in STAGE_COLUMNS or any(row[k] is not None for row in rows)}
+    if all(row["stage"] in ("sft", None) for row in rows):
+        del headers["stage"]
     lines = ["| " + " | ".join(headers.values()) + " |",
-             "|" + "|".join("---" if k in ("run", "method", "status") else "---:" for k in headers) + "|"]
-    for run in runs:
-        row = run.row()
+             "|" + "|".join("---" if k in ("run", "stage", "method", "status") else "---:" for k in headers) + "|"]
+    for row in rows:
         lines.append("| " + " | ".join(_cell(row[k], k).replace("|", "\\|") for k in headers) + " |")
     return "\n".join(lines)
 

@@ -313,6 +313,8 @@ def set_up(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None) -> Job:
     """Seed, device and precision, data, model and trainer; a resume's config checked against the saved one."""
     datasets.disable_progress_bars()  # one bar for the run: training
     set_seed(cfg.seed)
+    if cfg.init_from:  # the earlier run's model becomes this run's base (saved once; a resume finds it)
+        cfg = lineage.start_from(cfg, run_dir)
     device = resolve_device(cfg.hardware.device)
     precision = resolve_precision(cfg, device)
     if device.type == "cpu" and cfg.hardware.tune_malloc:
@@ -322,8 +324,6 @@ def set_up(cfg: TrainConfig, run_dir: Path, checkpoint: Path | None) -> Job:
     max_length = fit_context(cfg.data.max_length, configured_context(cfg.model))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=max_length))
     resume_changes = resume.check_config(checkpoint, run_dir, cfg) if checkpoint else {}
-    if cfg.init_from:  # the earlier run's model becomes this run's base
-        cfg = lineage.start_from(cfg, run_dir)
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.revision)
     dataset = prepare_stage(cfg.data, tokenizer, cfg.stage.name)
     trainer, optimizer = build_trainer(cfg, run_dir, device, precision, tokenizer, dataset)

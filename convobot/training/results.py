@@ -21,7 +21,9 @@ def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]],
     were cut to fit the context)."""
     console = console or Console()
     before = results.get("before") or {}
-    table = Table(title=f"convobot · {results['experiment']} · {results['method']}", show_lines=False)
+    stage = results.get("stage", "sft")
+    title = f"convobot · {results['experiment']} · {results['method']}" + (f" · {stage}" if stage != "sft" else "")
+    table = Table(title=title, show_lines=False)
     table.add_column("held-out metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -33,6 +35,11 @@ def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]],
 
     facts = Table.grid(padding=(0, 2))
     facts.add_row("train loss", _fmt(results["train_loss"]))
+    if results.get("lineage"):
+        facts.add_row("started from", " → ".join(f"{step['stage']} {step['run']}" for step in results["lineage"]))
+    if results.get("stage_metrics"):
+        facts.add_row(f"{stage} (last logged)", ", ".join(f"{key} {value:.4g}" for key, value in
+                                                          sorted(results["stage_metrics"].items())))
     facts.add_row("trainable params",
                   f"{results['trainable_params']:,} / {results['total_params']:,} ({results['trainable_percent']:.2f}%)")
     facts.add_row("trained tokens", f"{results['train_tokens']:,} in {results['train_seconds']:.1f} s "

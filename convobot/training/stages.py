@@ -37,7 +37,10 @@ def stage_args(cfg: TrainConfig, common: dict):
     """TRL's config for the stage: the shared TrainingArguments plus the stage's own options."""
     stage = cfg.stage
     loss = {"loss_type": stage.loss_type} if stage.loss_type else {}
-    if stage.name == Stage.dpo:
+    if stage.name == Stage.dpo:  # DPO takes a list of losses, weighted
+        loss = {"loss_type": [stage.loss_type or "sigmoid"]}
+        if stage.sft_weight > 0:  # RPO: the preference loss plus an SFT loss on the chosen answers
+            loss = {"loss_type": [*loss["loss_type"], "sft"], "loss_weights": [1.0, stage.sft_weight]}
         return DPOConfig(**common, **loss, beta=stage.beta, max_length=cfg.data.max_length,
                          precompute_ref_log_probs=stage.precompute_ref_log_probs)
     if stage.name == Stage.orpo:

@@ -8,7 +8,10 @@ from convobot.config import CONF_DIR, PeftMethod, compose, validate
 from convobot.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-TRAIN_GROUPS = ("model", "data", "peft", "optim", "hardware")
+TRAIN_GROUPS = ("model", "data", "peft", "optim", "hardware", "stage")
+# What an option needs beside it: preference data trains a preference stage, and the other way round.
+COMPANIONS = {("data", "local"): ["data.path=rows.jsonl"], ("data", "bundled_preferences"): ["stage=dpo"],
+              **{("stage", stage): ["data=bundled_preferences"] for stage in ("dpo", "orpo", "kto")}}
 GROUP_OPTIONS = [(group, option.stem) for group in TRAIN_GROUPS for option in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
@@ -24,9 +27,7 @@ def test_every_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes_with_its_values(group, option):
-    overrides = [f"{group}={option}"]
-    if (group, option) == ("data", "local"):
-        overrides.append("data.path=rows.jsonl")
+    overrides = [f"{group}={option}", *COMPANIONS.get((group, option), [])]
     typed = getattr(validate(compose(overrides)), group)
     set_by_default_experiment = OmegaConf.load(CONF_DIR / "experiment" / "embedded.yaml").get(group, {})
     for key, value in OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml")).items():

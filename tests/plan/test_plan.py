@@ -215,3 +215,22 @@ def test_packed_runs_plan_micro_batches_of_one_sequence(compose_train):
     padded = plan.estimate(gpt2(compose_train, "hardware.batch_size=4"), "cuda")
     for part in ("activations", "loss head"):
         assert packed.parts[part].bytes == single.parts[part].bytes < padded.parts[part].bytes, part
+
+
+def test_preference_stages_plan_both_answers_and_a_reference_copy_only_for_full(compose_train):
+    """DPO's forward holds each pair's chosen and rejected answers; its reference is free with an adapter (the base,
+    adapter disabled) and a whole frozen copy with peft=full, unless precomputed."""
+    sft = gpt2(compose_train, "peft=lora", "hardware.batch_size=4")
+    pairs = ["stage=dpo", "data=bundled_preferences", f"data.max_length={sft.data.max_length}", "hardware.batch_size=2"]
+    lora_dpo = plan.estimate(gpt2(compose_train, "peft=lora", *pairs), "cuda")
+    assert lora_dpo.parts["activations"].bytes == plan.estimate(sft, "cuda").parts["activations"].bytes
+    assert lora_dpo.parts["reference model"].bytes == 0 and "adapter disabled" in lora_dpo.parts["reference model"].detail
+    full_dpo = plan.estimate(gpt2(compose_train, "peft=full", *pairs), "cuda")
+    assert full_dpo.parts["reference model"].bytes == full_dpo.parts["weights"].bytes > 120e6 * 2
+    assert full_dpo.phases["end of forward (loss head)"] >= full_dpo.parts["reference model"].bytes * 2
+    precomputed = plan.estimate(gpt2(compose_train, "peft=full", *pairs, "stage.precompute_ref_log_probs=true"),
+                                "cuda")
+    assert precomputed.parts["reference model"].bytes == 0
+    grpo = plan.estimate(gpt2(compose_train, "peft=full", "stage=grpo", "stage.beta=0", "stage.num_generations=2"),
+                         "cuda")
+    assert grpo.parts["reference model"].bytes == 0

@@ -57,9 +57,21 @@ def sft_run(tmp_path_factory, train_smoke):
     return train_smoke(tmp_path_factory.mktemp("stages") / "sft", "data.num_rows=120", "data.eval_size=8")
 
 
-def test_dpo_on_an_sft_run_then_merged_into_one_verified_bundle(sft_run, tmp_path, compose_train, quiet_merge):
-    dpo_dir = tmp_path / "dpo"
-    results = run(compose_train(*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={sft_run}"), dpo_dir)
+@pytest.fixture(scope="module")
+def stage_runs(sft_run, tmp_path_factory):
+    """SFT -> DPO (with its SFT term) and SFT -> GRPO, a few steps each."""
+    from convobot.config import compose, validate
+
+    root = tmp_path_factory.mktemp("on_sft")
+    for stage, overrides in {"dpo": ["data=bundled_preferences", "stage.sft_weight=1"],
+                             "grpo": ["stage.max_completion_length=4"]}.items():
+        run(validate(compose([*STAGE, f"stage={stage}", f"init_from={sft_run}", *overrides])), root / stage)
+    return {stage: root / stage for stage in ("dpo", "grpo")}
+
+
+def test_dpo_on_an_sft_run_then_merged_into_one_verified_bundle(sft_run, stage_runs, tmp_path, quiet_merge):
+    dpo_dir = stage_runs["dpo"]
+    results = json.loads((dpo_dir / "metrics.json").read_text())
     assert results["stage"] == "dpo" and results["lineage"][0]["run"] == str(sft_run)
     assert {"rewards/accuracies", "rewards/margins", "rewards/chosen"} <= results["stage_metrics"].keys()
     logged = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
@@ -83,18 +95,27 @@ def test_dpo_on_an_sft_run_then_merged_into_one_verified_bundle(sft_run, tmp_pat
     assert "tags: [convobot, gpt2" in card and "dpo]" in card
 
 
-@pytest.mark.parametrize("stage, data, peft", [("orpo", "bundled_preferences", "lora"),
-                                               ("kto", "bundled_preferences", "full"),
-                                               ("grpo", "bundled", "lora")])
-def test_orpo_kto_and_grpo_train_and_log_their_own_metrics(sft_run, tmp_path, compose_train, stage, data, peft):
-    overrides = [*STAGE, f"stage={stage}", f"data={data}", f"peft={peft}", f"init_from={sft_run}"]
-    if stage == "grpo":
-        overrides += ["stage.max_completion_length=4"]
+@pytest.mark.parametrize("stage, peft", [("orpo", "lora"), ("kto", "full")])
+def test_orpo_and_kto_train_and_log_their_own_metrics(sft_run, tmp_path, compose_train, stage, peft):
+    overrides = [*STAGE, f"stage={stage}", "data=bundled_preferences", f"peft={peft}", f"init_from={sft_run}"]
     results = run(compose_train(*overrides), tmp_path / stage)
-    expected = {"orpo": "log_odds_ratio", "kto": "kl", "grpo": "reward"}[stage]
+    expected = {"orpo": "log_odds_ratio", "kto": "kl"}[stage]
     assert expected in results["stage_metrics"] and results["steps"] == 2
     assert results["method"] == peft and 0 <= results["exact_match"] <= 1
     assert (tmp_path / stage / ("model" if peft == "full" else "adapter")).is_dir()
+
+
+def test_compare_puts_sft_dpo_and_grpo_in_one_table(sft_run, stage_runs, tmp_path):
+    from convobot.reports import compare
+
+    grpo = json.loads((stage_runs["grpo"] / "metrics.json").read_text())
+    assert {"reward", "kl", "completions/mean_length"} <= grpo["stage_metrics"].keys()
+    rows = {row["stage"]: row for row in (run.row() for run in compare.load_runs([sft_run, *stage_runs.values()]))}
+    assert rows.keys() == {"sft", "sft → dpo", "sft → grpo"}
+    assert rows["sft → dpo"]["reward_accuracy"] is not None and rows["sft → grpo"]["reward"] == grpo["stage_metrics"][
+        "reward"]
+    text = compare.compare([sft_run, *stage_runs.values()], tmp_path / "report").read_text()
+    assert "| stage |" in text and "reward accuracy" in text and "mean reward" in text and "| sft → grpo |" in text
 
 
 def test_init_from_a_run_that_never_finished_is_refused(tmp_path, compose_train, sft_run):
@@ -106,3 +127,19 @@ def test_init_from_a_run_that_never_finished_is_refused(tmp_path, compose_train,
     with pytest.raises(ConfigError, match="config key 'init_from': .* has not finished training"):
         run(compose_train(*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={unfinished}"),
             tmp_path / "dpo")
+
+
+def test_an_interrupted_stage_resumes_on_the_base_it_saved(sft_run, tmp_path, compose_train):
+    import shutil
+
+    overrides = [*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={sft_run}", "train.max_steps=4",
+                 "train.save_steps=2"]
+    run_dir = tmp_path / "dpo"
+    run(compose_train(*overrides), run_dir)
+    # Killed after the checkpoint at step 2: nothing after it on disk.
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run_dir / "adapter")
+    (run_dir / "metrics.json").unlink()
+    results = run(compose_train(*overrides, "resume=true"), run_dir)
+    assert results["steps"] == 4 and results["resumed_from_step"] == 2 and results["stage"] == "dpo"
+    assert results["lineage"][0]["run"] == str(sft_run)
