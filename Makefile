@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint docs pretrain bench bench-serve gpu-carry clean
+.PHONY: install demo test test-fast test-ui lint docs pretrain bench bench-serve gpu-carry clean
 
 # torch==2.13.0 goes in first and alone: with it installed, the pinned stack resolves without
 # pip ever reaching for a (multi-GB) CUDA build of a newer torch.
@@ -35,11 +35,22 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/convobot chat model=$(DEMO_RUN)/release prompt="How many words are in the input?" \
 		input="apple bird cat" generation.temperature=0 generation.max_new_tokens=32
 
+# A real browser for the web page's tests: Debian's chromium (apt-get, as root). Without it those tests skip.
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	@if command -v apt-get > /dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium > /dev/null || echo "chromium not installed: the browser tests will skip"; \
+	else echo "no apt-get: the browser tests will skip"; fi
+
 # Two workers, one per core, each computing on one thread: tests spend much of their time starting Python and
 # importing torch, which one core does as fast as two.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
-test: $(STAMP) $(GGUF_STAMP)
+test: $(STAMP) $(GGUF_STAMP) $(BROWSER)
 	$(PYTEST)
+
+# The web page in headless chromium; CONVOBOT_SCREENSHOTS=docs/images make test-ui refreshes the docs' screenshots.
+test-ui: $(STAMP) $(BROWSER)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/serving/test_ui.py
 
 test-fast: $(STAMP) $(GGUF_STAMP)
 	$(PYTEST) -m "not slow"

@@ -197,6 +197,10 @@ class ServeConfig:
     device: Device = Device.auto
     verify_checksums: bool = True
     log_level: str = "info"
+    # A web page at /ui beside the API: chat, an arena of the served models side by side, and run reports.
+    ui: bool = False
+    # Report folders the page's Runs tab shows (convobot compare --out folders, sweep dirs).
+    reports: list[str] = field(default_factory=list)
 
     def checks(self) -> list[Check]:
         return [("backend", self.backend in ("auto", "torch", "llama_cpp"), "must be auto, torch or llama_cpp"),

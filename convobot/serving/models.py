@@ -108,6 +108,9 @@ def folder_base_key(base: str) -> tuple:
 
 
 def run_base_id(run: RunDir) -> str:
+    """What a run's base is called: its model config's name; a stage's (init_from) is the earlier run's model."""
+    if run.config.model.source == ModelSource.run:
+        return f"{Path(run.config.init_from).name}-merged"
     return run.config.model.name
 
 
@@ -148,6 +151,7 @@ class Registry:
         self.models: dict[str, Served] = {}
         self.groups: list[Group] = []
         self.lock = threading.Lock()
+        self.adding = threading.Lock()
         self.device = resolve_device(cfg.device, key="device")
 
     def get(self, model_id: str | None) -> Served:
@@ -311,6 +315,21 @@ class Registry:
         with self.lock:
             self.models[model_id] = Served(model_id, group, str(source.path), group.base_id)
             return self.models[model_id]
+
+    def add(self, path: str) -> Served:
+        """A run dir, adapter or bundle served from now on (the page's Runs tab), or the model already serving it."""
+        source = resolve(path)
+        with self.lock:
+            for served in self.models.values():
+                if Path(served.path).resolve() == source.path.resolve():
+                    return served
+            if source.model_id in self.models:
+                raise ConfigError(f"path: another model is already served as {source.model_id!r}")
+        if source.kind == "adapter" and not source.dora and self._group_for(source.base_key) is not None:
+            return self.load_adapter(source.model_id, str(path))
+        with self.adding:  # one model loads at a time; requests go on meanwhile
+            self.load([f"{source.model_id}:{path}"])
+        return self.models[source.model_id]
 
     def unload_adapter(self, model_id: str) -> None:
         """POST /v1/unload_lora_adapter: new requests are refused at once; the adapter's weights go when its running

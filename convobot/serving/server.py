@@ -17,8 +17,10 @@ of it and decode in one batch with each other and with the base (models.py). Pro
 template, so an answer equals `convobot chat`'s for the same turns and settings; settings a request leaves out come
 from a bundle's generation_config.json. Bundles are checked against their SHA256SUMS before loading.
 
-Locked down and bounded: `api_key` (or CONVOBOT_API_KEY) guards every /v1 route (401 without it; /health stays
-public); bodies over `max_body_bytes` get a 413, prompts are cut by characters before tokenizing (a huge message
+`ui=true` adds a page at /ui (ui.py): chat, an arena of the served models side by side, and run reports.
+
+Locked down and bounded: `api_key` (or CONVOBOT_API_KEY) guards every /v1 and /ui/api route (401 without it;
+/health and the page itself stay public); bodies over `max_body_bytes` get a 413, prompts are cut by characters before tokenizing (a huge message
 costs what the context costs), requests past `max_queued` waiting get a 429 with Retry-After; SIGTERM stops taking
 requests, finishes those running, and exits 0.
 
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # A refused body is read and dropped up to this size, then the connection is closed.
 DRAINED = 64 * 2**20
+# The routes the API key guards: the API, and the page's data (the page itself holds none).
+GUARDED = ("/v1", "/ui/api")
 
 
 def require_serve_extra() -> None:
@@ -280,6 +284,10 @@ def create_app(registry: Registry, cfg: ServeConfig):
     def health():
         return {"status": "ok", "models": sorted(registry.models)}
 
+    if cfg.ui:
+        from convobot.serving.ui import add_ui
+
+        add_ui(app, registry, cfg)
     return app
 
 
@@ -301,7 +309,7 @@ def add_guards(app, cfg: ServeConfig) -> None:
                 return await self.inner(scope, receive, send)
             headers = dict(scope["headers"])
             refused = None
-            if key and scope["path"].startswith("/v1"):
+            if key and scope["path"].startswith(GUARDED):
                 given = headers.get(b"authorization", b"").decode(errors="replace")
                 if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
                     refused = refusal("missing or wrong API key: send 'Authorization: Bearer <key>'", 401,
@@ -379,6 +387,8 @@ def serve(cfg: ServeConfig) -> None:
     if warning:
         print(f"convobot serve: WARNING: {warning}", flush=True)
     print(f"convobot serve: http://{cfg.host}:{cfg.port}/v1 (chat/completions, completions, models)", flush=True)
+    if cfg.ui:
+        print(f"convobot serve: the page at http://{cfg.host}:{cfg.port}/ui", flush=True)
     print("\n".join(describe(registry, cfg)), flush=True)
     app = create_app(registry, cfg)
     # uvicorn stops on SIGTERM once the running requests are answered, then raises the signal again for the handler
