@@ -127,7 +127,9 @@ def prepare_stage(cfg: DataConfig, tokenizer, stage: Stage) -> InstructionData:
                         "training row's answer alone fills them")
     answered = eval_rows.to_list() if stage == Stage.grpo else preferences.answered_rows(eval_rows)
     evaluation = format_and_cut(Dataset.from_list(answered), tokenizer, cfg.max_length)
+    # eval_rows: the held-out rows scored (those with a chosen or desirable answer) of heldout_rows.
     stats |= {"format": cfg.format.value, "stage": stage.value, "train_rows": len(train), "eval_rows": len(evaluation),
+              "heldout_rows": len(eval_rows),
               "prompts_cut_to_fit": fitted["prompts_cut"], "rows_dropped_too_long": fitted["rows_dropped"]}
     if fitted["prompts_cut"] or fitted["rows_dropped"]:
         log.warning("%d training prompts were cut from the left and %d rows dropped to fit data.max_length=%d",

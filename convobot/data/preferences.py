@@ -35,12 +35,22 @@ def normalize(row: dict, data_format: DataFormat) -> tuple[dict | None, str | No
     for key in ANSWERS[data_format]:
         shaped[key], problem = _answer(row, key)
         if problem:
-            return None, problem
+            return None, problem + _format_hint(row, data_format)
     if data_format == DataFormat.unpaired:
-        if not isinstance(row.get("label"), bool):
-            return None, f"field 'label' must be true or false (got {row.get('label')!r})"
+        if "label" not in row:
+            return None, "field 'label' is missing (true: a desirable answer, false: an undesirable one)"
+        if not isinstance(row["label"], bool):
+            return None, f"field 'label' must be true or false (got {row['label']!r})"
         shaped["label"] = row["label"]
     return shaped, None
+
+
+def _format_hint(row: dict, data_format: DataFormat) -> str:
+    """" (the row has 'chosen' and 'rejected': set data.format=preference)" for a row of the other format."""
+    for other, keys in ANSWERS.items():
+        if other != data_format and all(key in row for key in keys):
+            return f" (the row has {' and '.join(repr(key) for key in keys)}: set data.format={other.value})"
+    return ""
 
 
 def _prompt(row: dict) -> tuple[list[dict] | None, str | None]:

@@ -196,11 +196,15 @@ def load_mlflow(tracking_uri: str, experiment: str = "convobot",
     return labelled(runs) if runs else [], evaluations
 
 
+# Overrides that say how a run was launched, not what it trained: left out of its label.
+BOOKKEEPING = ("overwrite=", "resume=", "hydra.")
+
+
 def labelled(runs: list[ComparedRun]) -> list[ComparedRun]:
     """Label each run by the overrides that differ between them."""
     shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
     for run in runs:
-        distinct = [o for o in run.overrides if o not in shared]
+        distinct = [o for o in run.overrides if o not in shared and not o.startswith(BOOKKEEPING)]
         run.label = " ".join(distinct) or run.path.name
     labels = [r.label for r in runs]
     for run in runs:
@@ -433,8 +437,10 @@ def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
         "loss_curves": plot_loss_curves(finished),
         "perplexity_vs_params": plot_perplexity_vs_params(finished),
         "peak_memory": plot_peak_memory(finished),
-        "throughput": plot_throughput(finished),
     }
+    counted = [r for r in finished if r.metrics.get("tokens_per_second") is not None]  # ORPO counts no tokens
+    if counted:
+        figures["throughput"] = plot_throughput(counted)
     answered = [r for r in finished if r.metrics.get("answers")]
     if answered:
         figures["answers_vs_params"] = plot_answers_vs_params(answered)

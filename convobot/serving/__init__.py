@@ -10,4 +10,5 @@
     torch_runner.py   the engine's PyTorch side: a shared key/value cache of rows, mixed-adapter batches
     row_lora.py       each row's LoRA adapter applied in two matmuls per layer, whatever the mix
     llama_runner.py   the engine's llama.cpp side: a bundle's GGUF, a sequence per row
+    ui.py             `ui=true`: the web page (ui/: chat, arena, runs) and its few routes beside the API
 """

@@ -12,20 +12,35 @@ the model the chain computes. metrics.json lists the chain under `lineage`; the 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
 import time
 from pathlib import Path
 
 from convobot.config import ModelSource, TrainConfig
-from convobot.errors import ConfigError
+from convobot.errors import ConfigError, ModelPathError
 from convobot.runs import rundir
 from convobot.training import distributed
+
+log = logging.getLogger(__name__)
 
 WAIT_SECONDS = 600  # other ranks wait this long for rank 0 to save the starting model
 
 
+def earlier_run(cfg: TrainConfig) -> rundir.RunDir:
+    """The init_from run, opened; one line naming the key if it is not a finished run."""
+    try:
+        return rundir.open_run(cfg.init_from)
+    except ModelPathError as err:
+        raise ConfigError(f"config key 'init_from': {err}") from err
+
+
 def start_from(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """cfg with the init_from run's model as its base (saved in run_dir/base_model once; a resumed run reuses it)."""
-    earlier = rundir.open_run(cfg.init_from)
+    earlier = earlier_run(cfg)
+    if cfg.model.name != earlier.config.model.name:
+        log.warning("init_from=%s starts from that run's model (%s, then trained); model=%s is not used",
+                    cfg.init_from, earlier.config.model.name, cfg.model.name)
     if rundir.read_metrics(earlier.path) is None:
         raise ConfigError(f"config key 'init_from': {earlier.path} has not finished training (no metrics.json)")
     if Path(earlier.path).resolve() == Path(run_dir).resolve():
@@ -49,11 +64,18 @@ def start_from(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+def discard_start(run_dir: Path) -> None:
+    """The starting model a run saved before it failed to set up (bad data, a wrong option): a run dir with no
+    config.yaml yet holds no run, so the next attempt can start there."""
+    if not (Path(run_dir) / rundir.CONFIG).is_file():
+        shutil.rmtree(Path(run_dir) / rundir.BASE_MODEL, ignore_errors=True)
+
+
 def lineage(cfg: TrainConfig) -> list[dict]:
-    """The runs this one starts from, oldest first: each one's dir, stage, method and data."""
+    """The runs this one starts from, oldest first: each one's dir, stage, peft option, data and its licence."""
     if not cfg.init_from:
         return []
-    earlier = rundir.open_run(cfg.init_from)
+    earlier = earlier_run(cfg)
     config = earlier.config
     return earlier.metrics().get("lineage", []) + [
         {"run": str(earlier.path), "stage": config.stage.name.value, "peft": config.peft.name,

@@ -183,8 +183,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
     else:
         base = load_base_model(cfg.model, tokenizer, dtype)
     prepare_for_training(base, cfg.model)
-    optimizer = resolve_optimizer(cfg.optim.name, device)
     if cfg.stage.name != Stage.sft:
+        optimizer = resolve_optimizer(cfg.optim.name, device)
         return build_stage(cfg, trainer_args(cfg, run_dir, device, precision, optimizer.name), base, tokenizer,
                            dataset, precision), optimizer
     if cfg.train.packing:
@@ -192,6 +192,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
     model = apply_peft(base, cfg.peft, cfg.hardware.gradient_checkpointing)
     if precision == Precision.fp16:
         upcast_trainable_to_fp32(model)
+    # After the adapter's random init: probing an 8-bit optimizer draws random numbers.
+    optimizer = resolve_optimizer(cfg.optim.name, device)
     args = build_sft_config(cfg, run_dir, device, precision, optimizer.name)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.train, eval_dataset=dataset.eval,
                          processing_class=tokenizer)
@@ -259,7 +261,12 @@ def train_into(cfg: TrainConfig, run_dir: Path, callbacks: list[TrainerCallback]
     started = time.perf_counter()
 
     # --- setup: data, model, optimizer
-    job = set_up(cfg, run_dir, checkpoint)
+    try:
+        job = set_up(cfg, run_dir, checkpoint)
+    except BaseException:
+        if checkpoint is None and distributed.rank() == 0:
+            lineage.discard_start(run_dir)  # a fresh start that failed leaves its run dir as it found it
+        raise
     for callback in [*job_callbacks(job.cfg, run_dir, tracker), *callbacks]:
         job.trainer.add_callback(callback)
     if job.is_main:
@@ -397,8 +404,7 @@ def collect_results(job: Job, checkpoint: Path | None, resumed: tuple[int, int],
         "trainable_percent": job.params.percent,
         # Tokens and steps are totals over all ranks and, after a resume, over all sessions; train_loss,
         # train_seconds and tokens/s cover this session only.
-        "train_tokens": int(state.num_input_tokens_seen),
-        "tokens_per_second": (state.num_input_tokens_seen - resumed_tokens) / train_seconds if train_seconds else 0.0,
+        **trained_tokens(state, resumed_tokens, train_seconds),
         "train_seconds": train_seconds,
         "steps": state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
@@ -417,6 +423,16 @@ def collect_results(job: Job, checkpoint: Path | None, resumed: tuple[int, int],
         "wall_seconds": time.perf_counter() - started,
         "versions": versions(),
     }
+
+
+def trained_tokens(state, resumed_tokens: int, train_seconds: float) -> dict:
+    """Tokens trained and per second; None where the trainer counted none while training steps (ORPO's batches
+    hold no `input_ids` for the Trainer to count)."""
+    if state.num_input_tokens_seen == 0 and state.global_step > 0:
+        return {"train_tokens": None, "tokens_per_second": None}
+    return {"train_tokens": int(state.num_input_tokens_seen),
+            "tokens_per_second": (state.num_input_tokens_seen - resumed_tokens) / train_seconds if train_seconds
+            else 0.0}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

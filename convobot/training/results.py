@@ -42,8 +42,12 @@ def print_results(results: dict, run_dir: Path, samples: list[tuple[dict, str]],
                                                           sorted(results["stage_metrics"].items())))
     facts.add_row("trainable params",
                   f"{results['trainable_params']:,} / {results['total_params']:,} ({results['trainable_percent']:.2f}%)")
-    facts.add_row("trained tokens", f"{results['train_tokens']:,} in {results['train_seconds']:.1f} s "
-                                    f"({results['tokens_per_second']:,.0f} tokens/s)")
+    if results["train_tokens"] is None:
+        facts.add_row("trained tokens", f"not counted by the trainer; {results['steps']} steps in "
+                                        f"{results['train_seconds']:.1f} s")
+    else:
+        facts.add_row("trained tokens", f"{results['train_tokens']:,} in {results['train_seconds']:.1f} s "
+                                        f"({results['tokens_per_second']:,.0f} tokens/s)")
     facts.add_row("peak memory", f"{results['peak_memory_bytes'] / 2**20:,.0f} MiB ({results['device']})")
     facts.add_row("optimizer", results["optimizer"])
     if results.get("optimizer_fallback_reason"):

@@ -46,7 +46,8 @@ def stage_args(cfg: TrainConfig, common: dict):
     if stage.name == Stage.orpo:
         from trl.experimental.orpo import ORPOConfig
 
-        return ORPOConfig(**common, beta=stage.beta, max_length=cfg.data.max_length)
+        # Its collator reads the prompt / chosen / rejected columns the Trainer would otherwise drop first.
+        return ORPOConfig(**common, beta=stage.beta, max_length=cfg.data.max_length, remove_unused_columns=False)
     if stage.name == Stage.kto:
         # KTO's KL estimate pairs each example with its neighbour in a fixed-order batch: TRL refuses random
         # sampling, so the rows come shuffled (seeded) from the data instead.

@@ -61,11 +61,16 @@ def test_bad_preference_rows_say_what_is_wrong(row, problem):
     assert shaped is None and problem in found
 
 
-def test_unpaired_rows_need_a_boolean_label():
+def test_unpaired_rows_need_a_boolean_label_and_a_row_of_the_other_format_says_so():
     good, _ = normalize({"prompt": "p", "completion": "a", "label": False}, DataFormat.unpaired)
     assert good["label"] is False and good["completion"] == "a"
     _, problem = normalize({"prompt": "p", "completion": "a", "label": "yes"}, DataFormat.unpaired)
     assert "field 'label' must be true or false" in problem
+    _, problem = normalize({"prompt": "p", "completion": "a"}, DataFormat.unpaired)
+    assert problem.startswith("field 'label' is missing")
+    _, problem = normalize({"prompt": "p", "chosen": "a", "rejected": "b"}, DataFormat.unpaired)
+    assert problem == ("field 'completion' is missing (the row has 'chosen' and 'rejected': set "
+                       "data.format=preference)")
 
 
 def test_a_bad_row_in_a_file_is_named_by_file_and_line(tmp_path):

@@ -17,6 +17,7 @@ from conftest import start_server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("ui"),  # one worker trains the model and runs the browser for every test here
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (Debian: apt-get install chromium)"),
 ]
 KEY = "secret"

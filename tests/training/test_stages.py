@@ -12,6 +12,8 @@ from convobot.runs.rundir import open_run
 from convobot.training.recipe import build_sft_config, run
 from convobot.training.stages import exact_match_reward, stage_metrics
 
+# One worker trains the module's SFT and stage runs and runs every test that reads them.
+pytestmark = pytest.mark.xdist_group("stages")
 STAGE = ["experiment=smoke", "report.before=false", "report.samples=0", "report.exact_match_rows=8",
          "train.max_steps=2", "train.logging_steps=1", "data.num_rows=120", "data.eval_size=8", "optim.lr=1e-4"]
 
@@ -101,6 +103,8 @@ def test_orpo_and_kto_train_and_log_their_own_metrics(sft_run, tmp_path, compose
     results = run(compose_train(*overrides), tmp_path / stage)
     expected = {"orpo": "log_odds_ratio", "kto": "kl"}[stage]
     assert expected in results["stage_metrics"] and results["steps"] == 2
+    # ORPO's batches hold no input_ids for the Trainer to count: no count rather than a wrong one.
+    assert (results["train_tokens"] is None) == (stage == "orpo")
     assert results["method"] == peft and 0 <= results["exact_match"] <= 1
     assert (tmp_path / stage / ("model" if peft == "full" else "adapter")).is_dir()
 
@@ -116,6 +120,21 @@ def test_compare_puts_sft_dpo_and_grpo_in_one_table(sft_run, stage_runs, tmp_pat
         "reward"]
     text = compare.compare([sft_run, *stage_runs.values()], tmp_path / "report").read_text()
     assert "| stage |" in text and "reward accuracy" in text and "mean reward" in text and "| sft → grpo |" in text
+
+
+def test_init_from_what_is_not_a_run_is_one_line_naming_the_key(tmp_path, compose_train):
+    with pytest.raises(ConfigError, match=r"config key 'init_from': .*is not a convobot run dir"):
+        run(compose_train(*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={tmp_path}"), tmp_path / "dpo")
+
+
+def test_a_stage_that_fails_before_training_leaves_its_run_dir_reusable(sft_run, tmp_path, compose_train):
+    from convobot.errors import DataError
+
+    overrides = [*STAGE, "stage=dpo", "data=bundled_preferences", f"init_from={sft_run}"]
+    with pytest.raises(DataError, match="data.eval_size"):
+        run(compose_train(*overrides, "data.eval_size=500"), tmp_path / "dpo")
+    assert not (tmp_path / "dpo" / "base_model").exists()
+    assert run(compose_train(*overrides), tmp_path / "dpo")["stage"] == "dpo"  # the same dir, no overwrite
 
 
 def test_init_from_a_run_that_never_finished_is_refused(tmp_path, compose_train, sft_run):
