@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer
-
 from convobot.config import PeftMethod, Stage, TrainConfig
 from convobot.data.examples import InstructionData
 from convobot.data.tasks import normalize_answer
@@ -35,6 +33,9 @@ def exact_match_reward(completions: list[str], reference: list[str], **_) -> lis
 
 def stage_args(cfg: TrainConfig, common: dict):
     """TRL's config for the stage: the shared TrainingArguments plus the stage's own options."""
+    # Imported here: these trainers' modules pull in much (an installed mlflow among it) that SFT runs never use.
+    from trl import DPOConfig, GRPOConfig, KTOConfig
+
     stage = cfg.stage
     loss = {"loss_type": stage.loss_type} if stage.loss_type else {}
     if stage.name == Stage.dpo:  # DPO takes a list of losses, weighted
@@ -62,6 +63,8 @@ def stage_args(cfg: TrainConfig, common: dict):
 
 def build_stage_trainer(cfg: TrainConfig, common: dict, base, tokenizer, dataset: InstructionData, peft_config):
     """TRL's trainer for cfg.stage on `base` (unwrapped: the trainer adds the adapter from `peft_config`)."""
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
+
     args = stage_args(cfg, common)
     data = {"train_dataset": dataset.train, "eval_dataset": dataset.trainer_eval, "processing_class": tokenizer,
             "peft_config": peft_config}
