@@ -44,7 +44,7 @@ $(BROWSER):
 
 # Two workers, one per core, each computing on one thread: tests spend much of their time starting Python and
 # importing torch, which one core does as fast as two.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 test: $(STAMP) $(GGUF_STAMP) $(BROWSER)
 	$(PYTEST)
 

@@ -17,7 +17,6 @@ from convobot.serving.chat import chat
 from convobot.template import CHAT_TEMPLATE
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the 'gguf' extra (make test installs it)")
-pytestmark = pytest.mark.xdist_group("gguf")  # one worker exports the smoke GGUFs for these tests and the server's
 QUIET = {"console": Console(file=io.StringIO())}
 QUESTION = ("Reverse the order of the words.", "apple bird cat")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +80,22 @@ def start_server(*overrides: str, timeout: float = 300) -> Server:
         time.sleep(0.3)
     server.stop()
     pytest.fail(f"convobot serve did not answer /health within {timeout} s: {server.output()[-3000:]}")
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once per test session, however many xdist workers ask: the first makes it under
+    a lock in the session's shared temp folder, the others wait and reuse it (module and session fixtures are per
+    worker, and xdist 3.8 cannot keep a module's tests on one worker under pytest 9)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/: this session's, shared by its workers
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder

@@ -207,7 +207,6 @@ def test_adapters_of_one_base_decode_together_each_as_alone(smoke_release, train
     assert answers["a1"] != answers[BASE]  # the trained adapter changes the answers
 
 
-@pytest.mark.xdist_group("gguf")
 def test_the_llama_cpp_runner_batches_as_llama_cpp_answers_alone(smoke_gguf):
     """The bundle's f32 GGUF in one llama.cpp context of three sequences: each greedy answer is llama.cpp's own
     generation for that prompt alone."""

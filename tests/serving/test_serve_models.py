@@ -148,7 +148,6 @@ def llama_server(smoke_gguf):
     running.stop()
 
 
-@pytest.mark.xdist_group("gguf")
 def test_the_llama_cpp_backend_answers_as_llama_cpp_does_behind_the_same_api(llama_server, smoke_gguf):
     import llama_cpp
 

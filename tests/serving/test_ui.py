@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import start_server
+from conftest import made_once, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("ui"),  # one worker trains the model and runs the browser for every test here
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (Debian: apt-get install chromium)"),
 ]
 KEY = "secret"
@@ -27,17 +26,19 @@ QUESTION, INPUT, ANSWER = "How many words are in the input?", "apple bird cat", 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, quiet_merge):
-    """The embedded default trained 300 steps (it counts words right by then), merged, and compared."""
+    """The embedded default trained 300 steps (it counts words right by then), merged, and compared; once per
+    session for all workers."""
     from convobot.config import compose, validate
     from convobot.reports.compare import compare
     from convobot.training.recipe import run
 
-    root = tmp_path_factory.mktemp("ui")
-    run(validate(compose(["train.max_steps=300", "report.before=false", "report.samples=0",
-                          "report.exact_match_rows=0"])), root / "sft")
-    quiet_merge(run_dir=str(root / "sft"), output_dir=str(root / "bot"))
-    compare([root / "sft"], root / "report", title="one run")
-    return root
+    def make(root: Path) -> None:
+        run(validate(compose(["train.max_steps=300", "report.before=false", "report.samples=0",
+                              "report.exact_match_rows=0"])), root / "sft")
+        quiet_merge(run_dir=str(root / "sft"), output_dir=str(root / "bot"))
+        compare([root / "sft"], root / "report", title="one run")
+
+    return made_once(tmp_path_factory, "ui", make)
 
 
 @pytest.fixture(scope="module")

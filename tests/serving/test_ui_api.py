@@ -9,7 +9,6 @@ import pytest
 from conftest import post, start_server
 
 KEY = "secret"
-pytestmark = pytest.mark.xdist_group("ui_api")  # one server for the module
 
 
 def get(url: str, key: str | None = KEY) -> tuple[int, bytes]:

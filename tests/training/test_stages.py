@@ -12,8 +12,6 @@ from convobot.runs.rundir import open_run
 from convobot.training.recipe import build_sft_config, run
 from convobot.training.stages import exact_match_reward, stage_metrics
 
-# One worker trains the module's SFT and stage runs and runs every test that reads them.
-pytestmark = pytest.mark.xdist_group("stages")
 STAGE = ["experiment=smoke", "report.before=false", "report.samples=0", "report.exact_match_rows=8",
          "train.max_steps=2", "train.logging_steps=1", "data.num_rows=120", "data.eval_size=8", "optim.lr=1e-4"]
 
