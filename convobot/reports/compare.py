@@ -96,7 +96,7 @@ class ComparedRun:
             **{name: (m.get("answers") or {}).get(name) for name in ANSWER_COLUMNS},
             **{name: (m.get("stage_metrics") or {}).get(key) for name, key in STAGE_COLUMNS.items()},
             "status": "finished" if self.finished else "incomplete: no metrics.json",
-            "path": str(self.path),
+            "path": str(self.path.absolute()),  # the report may be read from another folder (convobot serve ui)
         }
 
 

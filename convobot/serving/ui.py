@@ -109,7 +109,8 @@ def report_summary(index: int, folder: Path) -> dict:
     """What the Runs tab shows of a report folder: its title, summary table (each run's path, to load it), plots and
     whether it has the answers side by side."""
     if not folder.is_dir():
-        return {"index": index, "folder": str(folder), "error": f"{folder} is not a folder"}
+        return {"index": index, "folder": str(folder), "title": folder.name, "error": f"{folder} is not a folder",
+                "rows": [], "plots": [], "answers": False}
     markdown = next((folder / name for name in ("report.md", "summary.md") if (folder / name).is_file()), None)
     title = next((line[2:].strip() for line in markdown.read_text().splitlines() if line.startswith("# ")),
                  folder.name) if markdown else folder.name

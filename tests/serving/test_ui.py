@@ -106,12 +106,25 @@ def test_chat_streams_the_answer_and_regenerates_and_resets(page, screenshots):
     expect(page.locator(".message")).to_have_count(2)
     expect(answer.locator(".meta")).to_contain_text("tok/s")
     assert len(sent) == 2 and sent[1]["messages"] == sent[0]["messages"]
+    # A regenerate the API refuses (more new tokens than the context) shows why and keeps the answer there was.
+    page.fill("#chat-max-tokens", "100000")
+    page.click("#chat-regenerate")
+    expect(page.locator("#error")).to_contain_text("maximum context length")
+    expect(page.locator(".message")).to_have_count(2)
+    assert answer.first.inner_text().splitlines()[0] == ANSWER
     page.click("#chat-reset")
     expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#error")).to_be_hidden()
 
 
 def test_arena_answers_side_by_side_from_a_held_out_row(page, server, screenshots):
     page.click("[data-tab=arena]")
+    for model in ("tiny-gpt2", "sft", "merged"):
+        page.locator(f"#arena-models input[value='{model}']").uncheck()
+    page.locator("#arena-models input[value='sft']").check()
+    page.fill("#arena-message", QUESTION)
+    page.click("#arena-send")
+    expect(page.locator("#error")).to_have_text("choose 2 to 4 models to compare")
     for model in ("tiny-gpt2", "sft", "merged"):  # the base, the adapter trained on it, the release merged from it
         page.locator(f"#arena-models input[value='{model}']").check()
     page.select_option("#arena-heldout-model", "sft")
@@ -119,6 +132,9 @@ def test_arena_answers_side_by_side_from_a_held_out_row(page, server, screenshot
     first_row = json.loads((Path(server_run(server)) / "heldout.jsonl").read_text().splitlines()[0])
     expect(page.locator("#arena-reference")).to_have_text(f"Reference: {first_row['output']}")
     assert page.input_value("#arena-message") == first_row["instruction"]
+    page.locator("#arena-message").press_sequentially("!")  # edited: no longer the held-out row
+    expect(page.locator("#arena-reference")).to_be_hidden()
+    page.locator("#arena-heldout li").first.click()
     page.click("#arena-send")
     expect(page.locator(".column[data-done=true]")).to_have_count(3)
     answers = {column.get_attribute("data-model"): column.locator(".answer").inner_text()

@@ -27,7 +27,7 @@ def server(smoke_release, tmp_path_factory):
     report = compare([smoke_release.run_dir], tmp_path_factory.mktemp("ui_api") / "report", title="smoke")
     (report.parent.parent / "secret.md").write_text("not part of the report")
     running = start_server(f"models=[bot:{smoke_release.release}]", "backend=torch", "ui=true",
-                           f"reports=[{report.parent}]", f"api_key={KEY}")
+                           f"reports=[{report.parent},{report.parent.parent / 'missing'}]", f"api_key={KEY}")
     running.report = report.parent
     yield running
     running.stop()
@@ -51,9 +51,11 @@ def test_held_out_rows_come_from_the_run_behind_a_bundle(server, smoke_release):
     assert get(f"{server.url}/ui/api/heldout?model=nope")[0] == 404
 
 
-def test_reports_list_their_runs_and_hand_out_only_their_own_files(server):
-    (report,) = json.loads(get(f"{server.url}/ui/api/reports")[1])["reports"]
+def test_reports_list_their_runs_and_hand_out_only_their_own_files(server, smoke_release):
+    report, missing = json.loads(get(f"{server.url}/ui/api/reports")[1])["reports"]
     assert report["title"] == "smoke" and len(report["rows"]) == 1 and "plots/loss_curves.png" in report["plots"]
+    assert report["rows"][0]["path"] == str(smoke_release.run_dir)  # absolute: loadable from any folder
+    assert missing["error"].endswith("missing is not a folder") and missing["rows"] == [] == missing["plots"]
     status, png = get(f"{server.url}/ui/api/reports/0/plots/loss_curves.png")
     assert status == 200 and png.startswith(b"\x89PNG")
     for name in ("../secret.md", "%2E%2E/secret.md", "report.py", "missing.png"):

@@ -163,6 +163,7 @@ async function answerChat() {
 
 async function sendChat(event) {
   event.preventDefault();
+  if (!$("chat-message").value.trim()) return showError("the message is empty");
   state.chat.push(userTurn($("chat-message").value, $("chat-input").value));
   await answerChat();
   if (state.chat.at(-1)?.role === "assistant") {
@@ -175,8 +176,13 @@ async function sendChat(event) {
 }
 
 async function regenerate() {
-  if (state.chat.at(-1)?.role === "assistant") state.chat.pop();
-  if (state.chat.length) await answerChat();
+  const previous = state.chat.at(-1)?.role === "assistant" ? state.chat.pop() : null;
+  if (!state.chat.length) return;
+  await answerChat();
+  if (previous && state.chat.at(-1)?.role !== "assistant") {
+    state.chat.push(previous); // the new answer failed: the old one stays
+    renderChat();
+  }
 }
 
 function setBusy(panel, busy) {
@@ -194,7 +200,8 @@ function limitArena() {
 async function sendArena(event) {
   event.preventDefault();
   const models = [...document.querySelectorAll("#arena-models input:checked")].map((box) => box.value);
-  if (!models.length) return showError("choose the models to compare (2-4)");
+  if (models.length < 2) return showError("choose 2 to 4 models to compare");
+  if (!$("arena-message").value.trim()) return showError("the message is empty");
   const messages = [...state.arenaContext, userTurn($("arena-message").value, $("arena-input").value)];
   const settings = { temperature: Number($("arena-temperature").value), max_tokens: Number($("arena-max-tokens").value) };
   showError("");
@@ -245,9 +252,17 @@ async function showHeldout() {
   }
 }
 
+function forgetHeldout() {
+  if ($("arena-message").value === state.heldoutMessage) return;
+  state.arenaContext = [];
+  state.heldoutMessage = undefined;
+  $("arena-reference").hidden = true;
+}
+
 function useHeldout(row) {
   const last = row.messages.at(-1);
   state.arenaContext = row.messages.slice(0, -1);
+  state.heldoutMessage = last.content;
   $("arena-message").value = last.content;
   $("arena-input").value = last.input || "";
   $("arena-reference").textContent = `Reference: ${row.reference}`;
@@ -259,12 +274,17 @@ function useHeldout(row) {
 const RUN_COLUMNS = ["run", "stage", "method", "trainable_params", "eval_loss", "eval_perplexity", "exact_match",
   "bleu", "rougeL", "reward_accuracy", "reward", "status"];
 
-async function loadReports() {
+function loadReports() {
+  state.loadingReports ??= fetchReports().finally(() => { state.loadingReports = undefined; });
+  return state.loadingReports;
+}
+
+async function fetchReports() {
   try {
     const body = await (await api("/ui/api/reports")).json();
     state.reports = body.reports;
     $("runs-report").replaceChildren(...body.reports.map((report) =>
-      new Option(report.title || report.folder, report.index)));
+      new Option(`${report.title} · ${report.folder}`, report.index)));
     if (body.reports.length) await showReport();
     else $("runs-title").textContent = "No reports: start the server with reports=[DIR,...]";
   } catch (err) {
@@ -275,28 +295,30 @@ async function loadReports() {
 async function showReport() {
   const report = state.reports[Number($("runs-report").value)];
   $("runs-title").textContent = report.error || report.title;
+  showError(report.error || "");
   const columns = RUN_COLUMNS.filter((name) => report.rows.some((row) => row[name]));
   const head = element("tr");
-  [...columns, ""].forEach((name) => head.append(element("th", "", name)));
+  ["", ...columns].forEach((name) => head.append(element("th", "", name)));
   const rows = report.rows.map((row) => {
     const line = element("tr");
-    columns.forEach((name) => line.append(element("td", "", row[name] ?? "")));
     const load = element("button", "", "Load into arena");
     load.addEventListener("click", () => loadIntoArena(row.path, load));
     const cell = element("td");
     if (row.path && row.status === "finished") cell.append(load);
     line.append(cell);
+    columns.forEach((name) => line.append(element("td", "", row[name] ?? "")));
     return line;
   });
   $("runs-table").replaceChildren(head, ...rows);
   $("runs-answers").hidden = !report.answers;
   $("runs-answers-frame").hidden = true;
   $("runs-plots").replaceChildren();
+  const images = [];
   for (const plot of report.plots) {
     const blob = await (await api(`/ui/api/reports/${report.index}/${plot}`)).blob();
-    const image = Object.assign(document.createElement("img"), { src: URL.createObjectURL(blob), alt: plot });
-    $("runs-plots").append(image);
+    images.push(Object.assign(document.createElement("img"), { src: URL.createObjectURL(blob), alt: plot }));
   }
+  $("runs-plots").replaceChildren(...images); // whole: a report chosen again meanwhile replaces them, never adds
 }
 
 async function showAnswers() {
@@ -313,7 +335,10 @@ async function loadIntoArena(path, button) {
     const body = await (await api("/ui/api/load", { method: "POST", body: JSON.stringify({ path }) })).json();
     await loadModels();
     const box = document.querySelector(`#arena-models input[value="${CSS.escape(body.id)}"]`);
-    if (box && !box.checked) {
+    const chosen = document.querySelectorAll("#arena-models input:checked").length;
+    if (box && !box.checked && chosen >= 4) {
+      showError(`${body.id} is served; 4 models are chosen already: untick one to compare it`);
+    } else if (box && !box.checked) {
       box.checked = true;
       limitArena();
     }
@@ -336,11 +361,19 @@ function showTab(name) {
 
 document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => showTab(tab.dataset.tab)));
 $("api-key").value = apiKey();
-$("api-key").addEventListener("change", () => {
+$("api-key").addEventListener("change", async () => {
   localStorage.setItem("convobot.apiKey", $("api-key").value.trim());
   state.reports = undefined;
-  loadModels();
+  await loadModels();
+  if (!$("runs").hidden) loadReports();
 });
+for (const [box, form] of [["chat-message", "chat-form"], ["chat-input", "chat-form"],
+  ["arena-message", "arena-form"], ["arena-input", "arena-form"]]) {
+  $(box).addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $(form).requestSubmit();
+  });
+}
+$("arena-message").addEventListener("input", forgetHeldout);
 $("chat-form").addEventListener("submit", sendChat);
 $("chat-regenerate").addEventListener("click", regenerate);
 $("chat-reset").addEventListener("click", () => { state.chat = []; renderChat(); showError(""); });
