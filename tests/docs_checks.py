@@ -153,6 +153,7 @@ def check_preference_page(folder: Path, outputs: list[str]) -> None:
     assert "**Stages:** sft (lora) on bundled, then dpo (lora) on bundled_preferences" in card
     report = (folder / "reports" / "stages" / "report.md").read_text()
     assert "| sft → dpo |" in report and "| sft → grpo |" in report and "reward accuracy" in report
+    assert (folder / "reports" / "stages" / "plots" / "stage_curves.png").is_file()
 
 
 CHECKS = {"preference.md": check_preference_page, "sweeps.md": check_sweeps_page, "evaluation.md": check_evaluation_page, "scaling.md": check_scaling_page, "planner.md": check_planner_page}

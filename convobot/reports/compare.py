@@ -6,7 +6,8 @@ Examples:
     convobot compare outputs/multirun/*/*_smoke --out reports/smoke --title "LoRA vs full, smoke"
 
 Writes <out>/report.md, <out>/summary.csv and <out>/plots/: loss_curves.png (LoRA vs full overlaid),
-perplexity_vs_params.png, peak_memory.png and throughput.png. Runs trained with report.generate_metrics=true add
+perplexity_vs_params.png, peak_memory.png and throughput.png; stage_curves.png where runs are DPO, ORPO, KTO or GRPO
+stages (their reward margin, mean reward and KL per step). Runs trained with report.generate_metrics=true add
 their answers' scores (BLEU, chrF, ROUGE-L) to the table, answers_vs_params.png, and the answers themselves side by
 side: the first held-out prompts in report.md, all of them in answers.html. Arguments are run dirs (holding
 metrics.json) or folders of them; a sweep's job that never finished is listed as incomplete.
@@ -362,6 +363,29 @@ def plot_loss_curves(runs: list[ComparedRun]) -> Figure:
     return fig
 
 
+# Each stage's own curve: what its trainer optimises beside the loss.
+STAGE_CURVES = {"rewards/margins": "reward margin (DPO, ORPO, KTO)", "reward": "mean reward (GRPO)",
+                "kl": "KL to the reference (KTO, GRPO)"}
+
+
+def plot_stage_curves(runs: list[ComparedRun]) -> Figure:
+    """Reward margins, mean rewards and KL per logging step, one panel each, for the runs that log them."""
+    shown = [key for key in STAGE_CURVES if any(key in point for run in runs for point in run.curve)]
+    fig = Figure(figsize=(8, 3.2 * len(shown)), layout="constrained")
+    for ax, key in zip(fig.subplots(len(shown), 1, squeeze=False)[:, 0], shown):
+        for index, run in enumerate(runs):
+            points = [(point["step"], point[key]) for point in run.curve if key in point]
+            if points:
+                ax.plot(*zip(*points), "-o", markersize=3, color=f"C{index % 10}", label=run.label)
+        ax.set_ylabel(STAGE_CURVES[key])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Preference and reward stages: their own metrics per logging step")
+    fig.supxlabel("optimizer step")
+    return fig
+
+
 def _vs_params(runs: list[ComparedRun], value, title: str, ylabel: str) -> Figure:
     """A scatter of value(run) against trainable parameters (log scale), one colour and marker per method."""
     fig = Figure(figsize=(7, 5), layout="constrained")
@@ -441,6 +465,9 @@ def write_plots(runs: list[ComparedRun], folder: Path) -> list[Path]:
     counted = [r for r in finished if r.metrics.get("tokens_per_second") is not None]  # ORPO counts no tokens
     if counted:
         figures["throughput"] = plot_throughput(counted)
+    staged = [r for r in finished if any(key in point for key in STAGE_CURVES for point in r.curve)]
+    if staged:
+        figures["stage_curves"] = plot_stage_curves(staged)
     answered = [r for r in finished if r.metrics.get("answers")]
     if answered:
         figures["answers_vs_params"] = plot_answers_vs_params(answered)
@@ -502,6 +529,7 @@ def write_report(runs: list[ComparedRun], out_dir: Path, markdown_name: str, tit
         "peak_memory": "Peak memory per run.",
         "throughput": "Trained (non-padding) tokens per second.",
         "answers_vs_params": "ROUGE-L of the answers to held-out prompts against trainable parameters.",
+        "stage_curves": "Preference and reward stages: reward margin, mean reward and KL per logging step.",
     }
     for plot in plots:
         lines += [f"![{captions[plot.stem]}](plots/{plot.name})", ""]

@@ -118,6 +118,7 @@ def test_compare_puts_sft_dpo_and_grpo_in_one_table(sft_run, stage_runs, tmp_pat
         "reward"]
     text = compare.compare([sft_run, *stage_runs.values()], tmp_path / "report").read_text()
     assert "| stage |" in text and "reward accuracy" in text and "mean reward" in text and "| sft → grpo |" in text
+    assert "![Preference and reward stages" in text and (tmp_path / "report" / "plots" / "stage_curves.png").is_file()
 
 
 def test_init_from_what_is_not_a_run_is_one_line_naming_the_key(tmp_path, compose_train):
